@@ -1,0 +1,118 @@
+"""Which backend runs: "torch" (reference), "triton", "cuda" (the compiled extension), or "auto".
+
+"auto" never hides a slow path: the first time it picks a backend for a device it logs one line
+saying which and why, and it warns once when only the unfused reference is available on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger("lora_kernels")
+NAMES = ("auto", "torch", "triton", "cuda")
+_said: set = set()
+
+
+def _once(key, msg, warn=False):
+    if key in _said:
+        return
+    _said.add(key)
+    if warn:
+        warnings.warn(msg, stacklevel=3)
+    else:
+        log.info(msg)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("lora_kernels.triton")
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ext_available() -> bool:
+    try:
+        importlib.import_module("lora_kernels._C")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_name(backend):
+    if backend not in NAMES:
+        raise ValueError(f"backend: expected one of {NAMES}, got {backend!r}")
+
+
+def _require(name: str, t: torch.Tensor):
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton': triton could not be imported")
+        if not (t.is_cuda or _interpreting()):
+            raise ValueError(f"backend='triton': tensors are on {t.device}; the Triton kernels need CUDA tensors "
+                             "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+        if t.dtype == torch.float64:
+            raise TypeError("backend='triton': float64 is not supported by the GPU kernels; use backend='torch'")
+    elif name == "cuda":
+        if not cuda_ext_available():
+            raise RuntimeError("backend='cuda': the compiled extension lora_kernels._C is not built "
+                               "(install with nvcc and a CUDA build of torch)")
+        if not t.is_cuda:
+            raise ValueError(f"backend='cuda': tensors are on {t.device}; the CUDA kernels need CUDA tensors")
+        if t.dtype == torch.float64:
+            raise TypeError("backend='cuda': float64 is not supported by the GPU kernels; use backend='torch'")
+
+
+def resolve(backend: str, t: torch.Tensor) -> str:
+    """The backend that serves the fused linear for tensors like t."""
+    _check_name(backend)
+    if backend != "auto":
+        _require(backend, t)
+        return backend
+    if not t.is_cuda or t.dtype == torch.float64:
+        _once(("torch", t.device.type), f"lora_kernels: {t.device.type} tensors -> torch reference backend")
+        return "torch"
+    if triton_available():
+        _once(("triton", str(t.device)), f"lora_kernels: {t.device} -> triton backend (fused kernels)")
+        return "triton"
+    if cuda_ext_available():
+        _once(("cuda", str(t.device)), f"lora_kernels: {t.device} -> cuda backend (triton unavailable)")
+        return "cuda"
+    _once(("slow", str(t.device)), f"lora_kernels: neither triton nor the CUDA extension is available on "
+          f"{t.device}; running the unfused torch reference (slow)", warn=True)
+    return "torch"
+
+
+def resolve_merge(backend: str, w: torch.Tensor) -> str:
+    """Merge prefers the CUDA extension (one pass at memory bandwidth), then Triton."""
+    _check_name(backend)
+    if backend != "auto":
+        _require(backend, w)
+        return backend
+    if not w.is_cuda or w.dtype == torch.float64:
+        return "torch"
+    if cuda_ext_available():
+        return "cuda"
+    if triton_available():
+        return "triton"
+    _once(("slow-merge", str(w.device)), "lora_kernels: no GPU merge kernel available; using torch", warn=True)
+    return "torch"
+
+
+def module(name: str):
+    if name == "triton":
+        return importlib.import_module("lora_kernels.triton")
+    if name == "cuda":
+        return importlib.import_module("lora_kernels._cuda_backend")
+    raise ValueError(f"backend: no kernel module for {name!r}")

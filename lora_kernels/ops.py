@@ -1,0 +1,154 @@
+"""The op contract: torch.library custom ops, their fake kernels, the autograd rule, backend dispatch.
+
+Public entry points are `lora_linear` and `merge_` / `unmerge_`; everything else is plumbing that
+keeps torch.compile(fullgraph=True) able to trace the ops as opaque nodes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backends, reference
+from ._checks import check_lora_args, check_merge_args
+
+log = logging.getLogger("lora_kernels")
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward / backward ops on 2-D x
+
+
+@torch.library.custom_op("lora_kernels::lora_fwd", mutates_args=())
+def lora_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+             scaling: float, scaling_t: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+             backend: str, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+    args = (x, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed)
+    if backend == "torch":
+        return reference.lora_forward(*args)
+    return _backends.module(backend).forward(*args, allow_tf32=allow_tf32)
+
+
+@lora_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend, allow_tf32):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=acc)
+
+
+@torch.library.custom_op("lora_kernels::lora_bwd", mutates_args=())
+def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+             scaling: float, scaling_t: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+             need_dx: bool, need_dbias: bool, backend: str, allow_tf32: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dbias); dx and dbias are empty when not asked for. Never a gradient for weight."""
+    args = (dy, x, weight, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx, need_dbias)
+    if backend == "torch":
+        dx, dA, dB, dbias = reference.lora_backward(*args)
+    else:
+        dx, dA, dB, dbias = _backends.module(backend).backward(*args, allow_tf32=allow_tf32)
+    return (dx if dx is not None else _empty(dy), dA, dB, dbias if dbias is not None else _empty(dy))
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx, need_dbias,
+      backend, allow_tf32):
+    dx = x.new_empty(x.shape) if need_dx else _empty(dy)
+    dbias = dy.new_empty((dy.shape[1],)) if need_dbias else _empty(dy)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend, allow_tf32 = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scaling_t, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend, ctx.allow_tf32 = scaling, dropout_p, backend, allow_tf32
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, scaling_t, seed = ctx.saved_tensors
+    need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    dx, dA, dB, dbias = lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, xa, ctx.scaling, scaling_t,
+                                 ctx.dropout_p, seed, need_dx, need_dbias, ctx.backend, ctx.allow_tf32)
+    return (dx if need_dx else None, None, dA, dB, dbias.to(ctx.bias_dtype) if need_dbias else None,
+            None, None, None, None, None, None)
+
+
+lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge / unmerge (in place)
+
+
+@torch.library.custom_op("lora_kernels::merge_", mutates_args=("weight",))
+def merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmerge: bool, backend: str) -> None:
+    if backend == "torch":
+        reference.merge_(weight, lora_A, lora_B, scaling, unmerge=unmerge)
+    else:
+        _backends.module(backend).merge_(weight, lora_A, lora_B, scaling, unmerge)
+
+
+@merge_op.register_fake
+def _(weight, lora_A, lora_B, scaling, unmerge, backend):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _split_scaling(scaling, device) -> Tuple[float, Optional[Tensor]]:
+    if torch.is_tensor(scaling):
+        if scaling.numel() != 1:
+            raise ValueError(f"scaling: expected a 0-d tensor or a float, got a tensor of shape {tuple(scaling.shape)}")
+        if scaling.device != device:
+            raise ValueError(f"scaling: tensor is on {scaling.device}, expected {device} (the device of x)")
+        return 1.0, scaling.reshape(())
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling: expected a float or a 0-d tensor, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: must be finite, got {scaling}")
+    return float(scaling), None
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling=1.0, bias: Optional[Tensor] = None,
+                *, dropout_p: float = 0.0, backend: str = "auto", allow_tf32: bool = False) -> Tensor:
+    """y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias, fused; x is (..., K), W (N, K), A (r, K), B (N, r).
+
+    Dropout (probability `dropout_p`) touches the LoRA branch only; its mask is regenerated in
+    backward from a seed drawn from torch's generator and is never stored. `weight` must be frozen.
+    """
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p)
+    s, s_t = _split_scaling(scaling, x.device)
+    name = _backends.resolve(backend, x)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int64)
+    x2d = x.reshape(-1, x.shape[-1])
+    if name != "torch" and x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    y, _ = lora_fwd(x2d, weight, lora_A, lora_B, bias, s, s_t, float(dropout_p), seed, name, allow_tf32)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *, backend: str = "auto") -> Tensor:
+    """W ← round(W + scaling·B·A), the product accumulated in float32 and rounded once. Returns weight."""
+    check_merge_args(weight, lora_A, lora_B, scaling)
+    merge_op(weight, lora_A, lora_B, float(scaling), False, _backends.resolve_merge(backend, weight))
+    return weight
+
+
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *, backend: str = "auto") -> Tensor:
+    """Undo merge_: picks the W' whose re-merge is bit-equal to the merged weight, so drift never grows."""
+    check_merge_args(weight, lora_A, lora_B, scaling)
+    merge_op(weight, lora_A, lora_B, float(scaling), True, _backends.resolve_merge(backend, weight))
+    return weight

@@ -1,0 +1,326 @@
+"""Triton kernels of the fused LoRA linear: one GEMM with a low-rank K step, and two skinny GEMMs.
+
+    forward   T  = dropout(x)·Aᵀ                         skinny_rank   (reads x once)
+              y  = x·Wᵀ + (s·T)·Bᵀ + bias                gemm_lowrank  (y written once)
+    backward  G  = s·dy·B                                skinny_rank   (reads dy once)
+              dB = s·dyᵀ·T  (+ dbias = Σ dy)             reduce_rows   (reads dy once)
+              dA = Gᵀ·dropout(x)                         reduce_rows   (reads x once)
+              dx = dy·W + mask ⊙ (G·A)/(1-p)             gemm_lowrank
+Partial sums over row-splits are written to separate slices and summed afterwards (no atomics),
+so every result is deterministic.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .dropout import keep_mask, load_seed
+
+
+@triton.jit
+def _gemm_lowrank_kernel(
+    a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, seed_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    scale, threshold, keep_scale,
+    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A·B + (s·L)·Rt (+ bias); with LOWRANK_DROPOUT the low-rank part is masked per (row, col)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-blocks share each column-block of B while it sits in L2.
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % group_rows)
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices keep every load in bounds; the store is masked instead.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # The low-rank term: one more K step (a few for r > BLOCK_R) over (s·L, Rt).
+    if SCALE_FROM_PTR:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scale
+    if LOWRANK_DROPOUT:
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=rr[None, :] < R, other=0.0)
+        lt = (lt.to(tl.float32) * s).to(a_ptr.dtype.element_ty)
+        rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=rr[:, None] < R, other=0.0)
+        rt = rt.to(a_ptr.dtype.element_ty)
+        if LOWRANK_DROPOUT:
+            low = tl.dot(lt, rt, low, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(lt, rt, acc, input_precision=DOT_PRECISION)
+    if LOWRANK_DROPOUT:
+        keep = keep_mask(load_seed(seed_ptr), offs_m, offs_n, threshold)
+        acc += tl.where(keep, low * keep_scale, 0.0)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_gemm_lowrank_tuned = triton.autotune(
+    configs=configs.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
+)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemm_lowrank_kernel))
+
+
+@triton.jit
+def _skinny_rank_kernel(
+    x_ptr, rt_ptr, out_ptr, scale_ptr, seed_ptr,
+    M, K, R, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_rk, stride_rr, stride_os, stride_om, stride_or,
+    scale, threshold, keep_scale,
+    SCALE_FROM_PTR: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[split] = s · (mask ⊙ X)[:, split's K range] · Rt[split's K range, :]   (M×R, float32)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (offs_m % M).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    k_start = pid_s * K_PER_SPLIT
+    k_end = min(K, k_start + K_PER_SPLIT)
+    if DROPOUT:
+        seed = load_seed(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=rk[None, :] < k_end, other=0.0)
+        if DROPOUT:
+            keep = keep_mask(seed, offs_m, rk, threshold)
+            x = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0).to(x.dtype)
+        rt = tl.load(rt_ptr + rk[:, None] * stride_rk + rr[None, :] * stride_rr,
+                     mask=(rk[:, None] < k_end) & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(x, rt.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    if SCALE_FROM_PTR:
+        acc *= tl.load(scale_ptr).to(tl.float32)
+    else:
+        acc *= scale
+    o_ptrs = out_ptr + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + rr[None, :] * stride_or
+    tl.store(o_ptrs, acc, mask=(offs_m[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _reduce_rows_kernel(
+    x_ptr, s_ptr, out_ptr, colsum_ptr, scale_ptr, seed_ptr,
+    M, C, R, M_PER_SPLIT,
+    stride_xm, stride_xc, stride_sm, stride_sr, stride_os, stride_oc, stride_or, stride_cs,
+    scale, threshold, keep_scale,
+    SCALE_FROM_PTR: tl.constexpr, DROPOUT: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[split] = s · (mask ⊙ X)ᵀ · S over the split's rows (C×R, float32); optionally Σ_rows X."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rc = (offs_c % C).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    m_start = pid_s * M_PER_SPLIT
+    m_end = min(M, m_start + M_PER_SPLIT)
+    if DROPOUT:
+        seed = load_seed(seed_ptr)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    col_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < m_end
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rc[None, :] * stride_xc,
+                    mask=row_ok[:, None], other=0.0)
+        if COLSUM:
+            col_acc += tl.sum(x.to(tl.float32), axis=0)
+        if DROPOUT:
+            keep = keep_mask(seed, rm, offs_c, threshold)
+            x = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0).to(x.dtype)
+        st = tl.load(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr,
+                     mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(tl.trans(x), st.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    if SCALE_FROM_PTR:
+        acc *= tl.load(scale_ptr).to(tl.float32)
+    else:
+        acc *= scale
+    c_ok = offs_c < C
+    o_ptrs = out_ptr + pid_s * stride_os + offs_c.to(tl.int64)[:, None] * stride_oc + rr[None, :] * stride_or
+    tl.store(o_ptrs, acc, mask=c_ok[:, None] & (rr[None, :] < R))
+    if COLSUM:
+        tl.store(colsum_ptr + pid_s * stride_cs + offs_c, col_acc, mask=c_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(t: torch.Tensor) -> int:
+    return _sm_count(t.device.index or 0) if t.is_cuda else 8
+
+
+def _precision(dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+
+
+def _block_r(r: int) -> int:
+    return min(max(16, triton.next_power_of_2(r)), 64)
+
+
+class Dropout:
+    """Arguments that reproduce one dropout mask: the seed tensor and p."""
+
+    def __init__(self, seed, p: float):
+        from ..reference import dropout_scale, dropout_threshold
+        self.on = seed is not None and p > 0.0
+        self.seed = seed
+        self.threshold = dropout_threshold(p) if self.on else 0
+        self.keep_scale = dropout_scale(p) if self.on else 1.0
+
+
+def _scale_args(scale, scale_t, like):
+    if scale_t is not None:
+        return 1.0, scale_t, True
+    return float(scale), like, False
+
+
+def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None, dropout=None, allow_tf32=False):
+    """out (M×N) = a (M×K) · b (K×N) + (s·low_l) (M×R) · low_r (R×N) + bias; b and low_r may be strided views."""
+    M, K = a.shape
+    N = b.shape[1]
+    R = low_l.shape[1]
+    dropout = dropout or Dropout(None, 0.0)
+    s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, a)
+    args = (a, b, out, low_l, low_r, bias if bias is not None else a, s_ptr,
+            dropout.seed if dropout.on else a,
+            M, N, K, R, configs.m_bucket(M),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            low_l.stride(0), low_l.stride(1), low_r.stride(0), low_r.stride(1),
+            s, dropout.threshold, dropout.keep_scale)
+    flags = dict(HAS_BIAS=bias is not None, SCALE_FROM_PTR=s_from_ptr, LOWRANK_DROPOUT=dropout.on,
+                 DOT_PRECISION=_precision(a.dtype, allow_tf32), BLOCK_R=_block_r(R))
+    if configs.interpreting():
+        cfg = configs.INTERPRET_GEMM
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _gemm_lowrank_kernel[grid](*args, EVEN_K=K % cfg["BLOCK_K"] == 0, **flags, **cfg)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _gemm_lowrank_tuned[grid](*args, **flags)
+    return out
+
+
+def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, allow_tf32=False):
+    """s · (mask ⊙ x) · rt → (M×R) float32; x (M×K), rt (K×R) may be a strided view."""
+    M, K = x.shape
+    R = rt.shape[1]
+    dropout = dropout or Dropout(None, 0.0)
+    block_r = max(16, triton.next_power_of_2(R))
+    block_m = 16 if configs.interpreting() else (64 if M > 64 else 16)
+    block_k = 32 if (configs.interpreting() or block_r > 64) else 64
+    m_blocks = triton.cdiv(M, block_m)
+    split = configs.skinny_split(K, m_blocks, _sms(x))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    part = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
+    s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, x)
+    _skinny_rank_kernel[(m_blocks, split)](
+        x, rt, part, s_ptr, dropout.seed if dropout.on else x,
+        M, K, R, k_per_split,
+        x.stride(0), x.stride(1), rt.stride(0), rt.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        s, dropout.threshold, dropout.keep_scale,
+        SCALE_FROM_PTR=s_from_ptr, DROPOUT=dropout.on, DOT_PRECISION=_precision(x.dtype, allow_tf32),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4 if block_r <= 64 else 8,
+    )
+    return part[0] if split == 1 else part.sum(0)
+
+
+def reduce_rows(x, s_mat, *, scale=1.0, scale_t=None, dropout=None, colsum=False, allow_tf32=False):
+    """s · (mask ⊙ x)ᵀ · s_mat → (C×R) float32, and Σ_rows x (C,) float32 when colsum; x (M×C), s_mat (M×R)."""
+    M, C = x.shape
+    R = s_mat.shape[1]
+    dropout = dropout or Dropout(None, 0.0)
+    block_r = max(16, triton.next_power_of_2(R))
+    block_c = 32 if (configs.interpreting() or block_r > 64) else 64
+    block_m = 16 if configs.interpreting() else 64
+    c_blocks = triton.cdiv(C, block_c)
+    split = configs.skinny_split(M, c_blocks, _sms(x))
+    m_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
+    split = max(1, triton.cdiv(M, m_per_split))
+    part = torch.empty((split, C, R), device=x.device, dtype=torch.float32)
+    col = torch.empty((split, C), device=x.device, dtype=torch.float32) if colsum else part
+    s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, x)
+    _reduce_rows_kernel[(c_blocks, split)](
+        x, s_mat, part, col, s_ptr, dropout.seed if dropout.on else x,
+        M, C, R, m_per_split,
+        x.stride(0), x.stride(1), s_mat.stride(0), s_mat.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), col.stride(0),
+        s, dropout.threshold, dropout.keep_scale,
+        SCALE_FROM_PTR=s_from_ptr, DROPOUT=dropout.on, COLSUM=colsum,
+        DOT_PRECISION=_precision(x.dtype, allow_tf32),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4 if block_r <= 64 else 8,
+    )
+    out = part[0] if split == 1 else part.sum(0)
+    if not colsum:
+        return out, None
+    return out, (col[0] if split == 1 else col.sum(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The op's two halves, in the shapes ops.py hands over (x2d is M×K).
+
+
+def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, allow_tf32=False):
+    """Returns (y, xa) with xa = dropout(x)·Aᵀ in float32, saved for backward."""
+    drop = Dropout(seed, dropout_p)
+    xa = skinny_rank(x2d, lora_A.t(), dropout=drop, allow_tf32=allow_tf32)
+    y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
+    gemm_lowrank(x2d, weight.t(), xa, lora_B.t(), y, bias=bias, scale=scaling, scale_t=scaling_t,
+                 allow_tf32=allow_tf32)
+    return y, xa
+
+
+def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed,
+             need_dx, need_dbias, allow_tf32=False):
+    """Returns (dx | None, dA, dB, dbias | None); A/B gradients in the adapters' own dtypes."""
+    drop = Dropout(seed, dropout_p)
+    g = skinny_rank(dy, lora_B, scale=scaling, scale_t=scaling_t, allow_tf32=allow_tf32)       # s·dy·B
+    dB, dbias = reduce_rows(dy, xa, scale=scaling, scale_t=scaling_t, colsum=need_dbias, allow_tf32=allow_tf32)
+    dA_t, _ = reduce_rows(x2d, g, dropout=drop, allow_tf32=allow_tf32)                        # (K×r)
+    dx = None
+    if need_dx:
+        dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
+        gemm_lowrank(dy, weight, g, lora_A, dx, dropout=drop, allow_tf32=allow_tf32)
+    return (dx, dA_t.t().contiguous().to(lora_A.dtype), dB.to(lora_B.dtype),
+            None if dbias is None else dbias.to(dy.dtype))
