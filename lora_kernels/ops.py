@@ -85,6 +85,18 @@ def _backward(ctx, dy, _dxa):
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("lora_kernels::draw_seed", mutates_args=())
+def draw_seed(like: Tensor) -> Tensor:
+    """A dropout seed from torch's generator for like's device. An op of its own so that compiled
+    graphs draw exactly what eager draws (inductor's own RNG would give other masks)."""
+    return torch.randint(0, 2**31 - 1, (), device=like.device, dtype=torch.int64)
+
+
+@draw_seed.register_fake
+def _(like):
+    return like.new_empty((), dtype=torch.int64)
+
+
 # ----------------------------------------------------------------------------------------------
 # Merge / unmerge (in place)
 
@@ -132,7 +144,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     name = _backends.resolve(backend, x)
     seed = None
     if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int64)
+        seed = draw_seed(x)
     x2d = x.reshape(-1, x.shape[-1])
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()

@@ -1,0 +1,78 @@
+"""merge_ / unmerge_: one rounding, bit-exact re-merge, bounded drift, no byte changed on bad input."""
+import os
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch"] + (["triton"] if INTERP else [])
+
+
+def _adapters(N, K, r, wdtype, adtype=torch.float32):
+    w = torch.randn(N, K).to(wdtype)
+    a = (torch.randn(r, K) / K**0.5).to(adtype)
+    b = torch.randn(N, r).to(adtype)
+    return w, a, b
+
+
+def _dtypes(backend):
+    # The Triton interpreter mishandles bfloat16; bf16 merges are checked on the GPU.
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if backend == "torch" else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_rounds_once(backend):
+    for dt in _dtypes(backend):
+        w, a, b = _adapters(37, 53, 5, dt)
+        expect = (w.double() + (b.double() @ a.double()) * 0.7)
+        merged = lk.merge_(w.clone(), a, b, 0.7, backend=backend)
+        # one rounding of a float32-accumulated sum: within half an ulp of dt plus fp32 noise
+        ulp = torch.finfo(dt).eps * expect.abs().clamp_min(torch.finfo(dt).tiny)
+        assert ((merged.double() - expect).abs() <= ulp + 1e-5 * expect.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unmerge_remerge_bit_equal_and_drift_bounded(backend):
+    for dt in _dtypes(backend):
+        w, a, b = _adapters(29, 41, 7, dt)
+        w0 = w.clone()
+        lk.merge_(w, a, b, 1.3, backend=backend)
+        merged = w.clone()
+        # merging rounds at the merged value's scale: that ulp bounds what any unmerge can recover
+        ulp = torch.finfo(dt).eps * torch.maximum(w0.float().abs(), merged.float().abs())
+        first = None
+        for _ in range(20):
+            lk.unmerge_(w, a, b, 1.3, backend=backend)
+            assert ((w.float() - w0.float()).abs() <= ulp).all(), "drift over 1 ulp"
+            first = w.clone() if first is None else first
+            assert torch.equal(w.view(torch.uint8), first.view(torch.uint8)), "drift grew across cycles"
+            lk.merge_(w, a, b, 1.3, backend=backend)
+            assert torch.equal(w.view(torch.uint8), merged.view(torch.uint8)), f"re-merge not bit-equal ({dt})"
+
+
+def test_reference_unmerge_inverts_merge_exactly_when_possible():
+    w, a, b = _adapters(64, 64, 4, torch.bfloat16)
+    delta = reference.lora_delta(a, b, 0.5)
+    m = reference.merged_value(w, delta)
+    u = reference.unmerged_value(m, delta)
+    assert torch.equal(reference.merged_value(u, delta), m)
+
+
+def test_failed_validation_leaves_weight_untouched():
+    w, a, b = _adapters(16, 24, 4, torch.float32)
+    before = w.clone()
+    bad_calls = [
+        lambda: lk.merge_(w, a[:, :10], b, 1.0),
+        lambda: lk.merge_(w, a, b[:, :2], 1.0),
+        lambda: lk.merge_(w, a, b, float("nan")),
+        lambda: lk.unmerge_(w, a, b, float("inf")),
+        lambda: lk.merge_(w, a, b, 1.0, backend="nope"),
+        lambda: lk.merge_(w.t(), a, b, 1.0),
+    ]
+    for call in bad_calls:
+        with pytest.raises((ValueError, TypeError)):
+            call()
+        assert torch.equal(w.view(torch.uint8), before.view(torch.uint8))
