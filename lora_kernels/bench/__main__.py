@@ -1,0 +1,47 @@
+"""python -m lora_kernels.bench: every provider side by side in one run (GPU), or the CPU demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from .providers import PROVIDERS
+
+
+def _progress(jobs):
+    try:
+        from tqdm import tqdm
+        return tqdm(jobs, desc="bench", unit="case", file=sys.stderr)
+    except ImportError:
+        return jobs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_kernels.bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="a short run over fewer shapes and ranks")
+    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge"],
+                    choices=["forward", "train", "merge"], help="train = fwd+bwd with x needing grad, W frozen")
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--out", default="bench/results", help="folder for the .jsonl/.md/.png results")
+    ap.add_argument("--cpu-demo", action="store_true", help="run the CPU demo even where a GPU is present")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.cpu_demo or not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run under the interpreter
+        from . import cpu_demo
+        return 0 if cpu_demo.run() else 1
+
+    from . import gpu, report
+    rows, meta = gpu.run(args.quick, args.modes, args.providers, log=print, progress=_progress)
+    base = report.write_all(rows, meta, args.out)
+    print(report.markdown(rows, meta))
+    print(f"results: {base}.jsonl, {base}.md, {base}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The ways of computing one LoRA linear that the benchmark puts side by side.
+
+Each provider builds a callable `forward(x) -> y` over shared tensors W, A, B, so every provider
+computes the same function on the same data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lora_kernels as lk
+
+
+class Problem:
+    """One LoRA linear's tensors: W (N×K) frozen, A (r×K), B (N×r) trainable, s = 2 (alpha = 2r)."""
+
+    def __init__(self, M, K, N, r, dtype, device, dropout_p=0.0, adapter_dtype=None):
+        g = torch.Generator(device=device).manual_seed(M * 7 + K * 3 + N + r)
+        self.M, self.K, self.N, self.r, self.dtype, self.p = M, K, N, r, dtype, dropout_p
+        ad = adapter_dtype or dtype
+        self.weight = (torch.randn(N, K, device=device, generator=g) / K**0.5).to(dtype)
+        self.lora_A = (torch.randn(r, K, device=device, generator=g) / K**0.5).to(ad).requires_grad_()
+        self.lora_B = (torch.randn(N, r, device=device, generator=g) / r**0.5).to(ad).requires_grad_()
+        self.scaling = 2.0
+        self.x = torch.randn(M, K, device=device, generator=g).to(dtype)
+
+
+def _peft_module(pb: Problem):
+    """peft's LoRA Linear around an nn.Linear holding the same W, A and B (None if peft is absent)."""
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    except Exception:  # noqa: BLE001
+        return None
+    base = nn.Linear(pb.K, pb.N, bias=False, device=pb.weight.device, dtype=pb.dtype)
+    base.weight = nn.Parameter(pb.weight, requires_grad=False)
+    layer = PeftLoraLinear(base, "default", r=pb.r, lora_alpha=pb.scaling * pb.r, lora_dropout=pb.p)
+    layer.lora_A["default"].weight = nn.Parameter(pb.lora_A.detach().clone().to(pb.dtype))
+    layer.lora_B["default"].weight = nn.Parameter(pb.lora_B.detach().clone().to(pb.dtype))
+    return layer
+
+
+def _addmm(pb: Problem):
+    def fwd(x):
+        y = x @ pb.weight.t()
+        xa = nn.functional.dropout(x, pb.p) @ pb.lora_A.t() if pb.p > 0 else x @ pb.lora_A.t()
+        return y.addmm_(xa, pb.lora_B.t(), alpha=pb.scaling)
+    return fwd
+
+
+def build(name: str, pb: Problem):
+    """A forward callable for provider `name`, or None where it cannot run here."""
+    if name == "base":
+        return lambda x: x @ pb.weight.t()
+    if name in ("peft", "peft_compile"):
+        layer = _peft_module(pb)
+        if layer is None:
+            return None
+        layer.train(pb.p > 0)
+        return torch.compile(layer) if name == "peft_compile" else layer
+    if name == "addmm":
+        return _addmm(pb)
+    if name in ("triton", "cuda"):
+        if name == "triton" and not lk.triton_available():
+            return None
+        if name == "cuda" and not lk.cuda_ext_available():
+            return None
+        return lambda x: lk.lora_linear(x, pb.weight, pb.lora_A, pb.lora_B, pb.scaling, dropout_p=pb.p,
+                                        backend=name)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+PROVIDERS = ("base", "peft", "peft_compile", "addmm", "triton", "cuda")

@@ -1,0 +1,88 @@
+"""Results files: long-format JSONL, a markdown table and a PNG plot, side by side in bench/results/."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+
+
+def stem(meta) -> str:
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"]).strip("-").lower()
+    return f"{gpu}-{meta['time'][:10].replace('-', '')}-{meta['sha']}"
+
+
+def write_jsonl(rows, path):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def markdown(rows, meta) -> str:
+    """One line per (mode, shape, r, dropout): each provider's ratio to the base, and ours next to the floor."""
+    order = ["base", "copy", "peft", "peft_compile", "addmm", "triton", "cuda"]
+    present = [p for p in order if any(r["provider"] == p for r in rows)]
+    groups = OrderedDict()
+    for r in rows:
+        groups.setdefault((r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"]), {})[r["provider"]] = r
+    out = [f"GPU {meta['gpu']} · torch {meta['torch']} · triton {meta['triton']} · git {meta['sha']} · "
+           f"{meta['time']} · measured ceilings: copy {meta['copy_tbps']:.2f} TB/s, "
+           f"bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s", "",
+           "Each cell: time / time of the first column (cuBLAS x@Wᵀ, or a device copy of W for merge), "
+           "median of do_bench. `floor` is max(FLOPs/peak, bytes/bandwidth) over the base time; "
+           "`ours/floor` is the best of our backends over the floor. act = activation MiB kept by forward.", "",
+           "| mode | M×K×N | r | p | base ms | " + " | ".join(present) + " | floor | ours/floor | act MiB (" +
+           ", ".join(p for p in present if p in ("base", "peft", "triton")) + ") |",
+           "|" + "---|" * (len(present) + 8)]
+    for (mode, M, K, N, rank, p), by in groups.items():
+        base = by.get("base") or by.get("copy")
+        if base is None:
+            continue
+        cells = [f"{by[q]['ratio']:.3f}" if q in by and by[q]["ratio"] is not None else "–" for q in present]
+        ours = [by[q]["p50_ms"] for q in ("triton", "cuda") if q in by]
+        fl = base["floor_ms"]
+        acts = ", ".join(f"{by[q]['act_mib']:.0f}" for q in ("base", "peft", "triton")
+                         if q in by and by[q].get("act_mib") is not None)
+        shape = f"{K}×{N}" if mode == "merge" else f"{M}×{K}×{N}"
+        out.append(f"| {mode} | {shape} | {rank} | {p:g} | {base['p50_ms']:.4f} | " + " | ".join(cells) +
+                   f" | {fl / base['p50_ms']:.3f} | " + (f"{min(ours) / fl:.2f}" if ours else "–") +
+                   f" | {acts} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - the plot is optional
+        return False
+    fwd = [r for r in rows if r["mode"] == "forward" and r["provider"] != "base" and r["ratio"]]
+    labels = list(OrderedDict.fromkeys(f"{r['M']}×{r['K']}×{r['N']} r{r['r']}" for r in fwd))
+    provs = list(OrderedDict.fromkeys(r["provider"] for r in fwd))
+    if not labels:
+        return False
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.6), 5))
+    width = 0.8 / max(len(provs), 1)
+    for i, p in enumerate(provs):
+        vals = {f"{r['M']}×{r['K']}×{r['N']} r{r['r']}": r["ratio"] for r in fwd if r["provider"] == p}
+        ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=p)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("time / cuBLAS x@Wᵀ (lower is better)")
+    ax.set_title("LoRA linear forward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def write_all(rows, meta, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, stem(meta))
+    write_jsonl(rows, base + ".jsonl")
+    with open(base + ".md", "w") as f:
+        f.write(markdown(rows, meta))
+    plot(rows, base + ".png")
+    return base

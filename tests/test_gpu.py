@@ -1,0 +1,91 @@
+"""GPU checks (run on a CUDA machine): the oracle rule over many random shapes per backend."""
+import random
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from helpers import make_inputs, oracle_check
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _shape(i):
+    rnd = random.Random(i)
+    M = rnd.choice([1, 2, 3, 7, 16, 17, 64, 100, 257, 1000, 2048])
+    K = rnd.choice([16, 33, 64, 100, 255, 512, 1000, 4096])
+    N = rnd.choice([8, 17, 64, 129, 500, 1024, 3000])
+    r = rnd.choice([1, 2, 8, 16, 33, 64, 128, 256])
+    return M, K, N, r
+
+
+def _backends():
+    out = ["triton"] if lk.triton_available() else []
+    return out + (["cuda"] if lk.cuda_ext_available() else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", range(60))
+def test_oracle_random_shapes(backend, case):
+    M, K, N, r = _shape(case)
+    dtype = DTYPES[case % 3]
+    p = 0.1 if case % 2 else 0.0
+    if backend == "cuda" and p > 0:
+        pytest.skip("the cuda backend does not implement dropout yet")
+    inputs = make_inputs(M, K, N, r, dtype, device="cuda", bias=case % 4 != 0,
+                         adapter_dtype=torch.float32 if case % 5 == 0 else None,
+                         x_3d=case % 7 == 0, noncontig=case % 11 == 0)
+    oracle_check(*inputs, dropout_p=p, backend=backend, seed=case)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_unmerge_gpu(backend, dtype):
+    N, K, r = 1000, 777, 16
+    w = torch.randn(N, K, device="cuda").to(dtype)
+    a = torch.randn(r, K, device="cuda") / K**0.5
+    b = torch.randn(N, r, device="cuda")
+    w0 = w.clone()
+    lk.merge_(w, a, b, 1.5, backend=backend)
+    expect = w0.double() + (b.double() @ a.double()) * 1.5
+    ulp = torch.finfo(dtype).eps * expect.abs()
+    assert ((w.double() - expect).abs() <= ulp + 1e-5 * expect.abs() + 1e-6).all()
+    merged = w.clone()
+    for _ in range(100):
+        lk.unmerge_(w, a, b, 1.5, backend=backend)
+        lk.merge_(w, a, b, 1.5, backend=backend)
+        assert torch.equal(w.view(torch.uint8), merged.view(torch.uint8))
+    lk.unmerge_(w, a, b, 1.5, backend=backend)
+    bound = torch.finfo(dtype).eps * torch.maximum(w0.float().abs(), merged.float().abs())
+    assert ((w.float() - w0.float()).abs() <= bound).all()
+
+
+def test_dropout_mask_same_on_gpu_and_cpu():
+    x, w, a, b, bias = make_inputs(33, 70, 45, 8, torch.float32, device="cuda")
+    oracle_check(x, w, a, b, bias, dropout_p=0.3, backend="triton")
+
+
+def test_compile_fullgraph_triton_backend():
+    torch._dynamo.reset()
+    x, w, a, b, bias = make_inputs(64, 256, 128, 16, torch.bfloat16, device="cuda")
+    a.requires_grad_()
+
+    def f(x, a):
+        return lk.lora_linear(x, w, a, b, 0.5, bias, dropout_p=0.1, backend="triton")
+
+    torch.manual_seed(0)
+    eager = f(x, a)
+    torch.manual_seed(0)
+    compiled = torch.compile(f, fullgraph=True)(x, a)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_module_on_gpu_matches_merged():
+    m = lk.FusedLoRALinear(512, 384, r=16, lora_alpha=32, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(m.lora_B, std=0.02)
+    x = torch.randn(2, 50, 512, device="cuda", dtype=torch.bfloat16)
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=2e-2, atol=2e-2)
