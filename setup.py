@@ -38,8 +38,9 @@ def _cuda_ext():
         gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
     ext = CUDAExtension(
         "lora_kernels._C", sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode},
+        define_macros=[("LORA_KERNELS_WITH_CUDA", None), ("LORA_KERNELS_PYTHON_MODULE", None)],
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,0 +1,141 @@
+// merge_ / unmerge_ on CUDA: one read and one write of W with 16-byte accesses; s·B·A is formed
+// in float32 registers tile by tile (never materialised), then added with a single rounding.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kRows = 64;                   // rows of W per block
+constexpr int kWarps = 8;                   // 256 threads
+constexpr int kRowsPerWarp = kRows / kWarps;
+constexpr int kRankChunk = 32;              // adapter rank staged through shared memory per step
+
+// Merge: round(w + d). Unmerge: among round(w - d) and its bit-neighbours, the first whose re-merge is w.
+template <typename T, bool UNMERGE>
+__device__ inline T apply(T w, float d) {
+  if constexpr (!UNMERGE) {
+    return static_cast<T>(static_cast<float>(w) + d);
+  } else {
+    using B = FloatBits<T>;
+    const auto target = B::get(w);
+    const T base = static_cast<T>(static_cast<float>(w) - d);
+    auto remerges = [&](T c) { return B::get(static_cast<T>(static_cast<float>(c) + d)) == target; };
+    if (remerges(base)) return base;
+    const T up = B::make(B::get(base) + 1);
+    if (remerges(up)) return up;
+    const T down = B::make(B::get(base) - 1);
+    if (remerges(down)) return down;
+    return base;
+  }
+}
+
+template <typename T, int VEC, bool UNMERGE>
+__global__ void __launch_bounds__(kWarps * 32) merge_kernel(T* __restrict__ w, const float* __restrict__ A,
+                                                            const float* __restrict__ B, int64_t N, int64_t K,
+                                                            int64_t R, float scale) {
+  constexpr int TK = 32 * VEC;  // columns per block: one VEC-wide slice per lane
+  extern __shared__ float smem[];
+  float* a_s = smem;                      // [kRankChunk][TK]
+  float* b_s = smem + kRankChunk * TK;    // [kRows][kRankChunk]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * TK;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kRows;
+
+  float delta[kRowsPerWarp][VEC];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) delta[i][v] = 0.f;
+
+  for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
+    for (int i = threadIdx.x; i < kRankChunk * TK; i += blockDim.x) {
+      const int64_t rr = r0 + i / TK, kk = k0 + i % TK;
+      a_s[i] = (rr < R && kk < K) ? A[rr * K + kk] : 0.f;
+    }
+    for (int i = threadIdx.x; i < kRows * kRankChunk; i += blockDim.x) {
+      const int64_t nn = n0 + i / kRankChunk, rr = r0 + i % kRankChunk;
+      b_s[i] = (nn < N && rr < R) ? B[nn * R + rr] : 0.f;
+    }
+    __syncthreads();
+    const int rc = static_cast<int>(R - r0 < kRankChunk ? R - r0 : kRankChunk);
+    for (int j = 0; j < rc; ++j) {
+      float a[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) a[v] = a_s[j * TK + lane * VEC + v];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const float b = b_s[(warp * kRowsPerWarp + i) * kRankChunk + j];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) delta[i][v] = fmaf(b, a[v], delta[i][v]);
+      }
+    }
+    __syncthreads();
+  }
+
+  const int64_t k = k0 + lane * VEC;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t n = n0 + warp * kRowsPerWarp + i;
+    if (n >= N || k >= K) continue;
+    T* row = w + n * K;
+    if (VEC > 1 && k + VEC <= K) {
+      Vec<T, VEC> vals = load_vec<T, VEC>(row + k);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) vals.v[v] = apply<T, UNMERGE>(vals.v[v], delta[i][v] * scale);
+      store_vec<T, VEC>(row + k, vals);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        if (k + v < K) row[k + v] = apply<T, UNMERGE>(row[k + v], delta[i][v] * scale);
+    }
+  }
+}
+
+template <typename T, int VEC>
+void launch(at::Tensor& w, const at::Tensor& A, const at::Tensor& B, float scale, bool unmerge) {
+  const int64_t N = w.size(0), K = w.size(1), R = A.size(0);
+  constexpr int TK = 32 * VEC;
+  const dim3 grid(static_cast<unsigned>((K + TK - 1) / TK), static_cast<unsigned>((N + kRows - 1) / kRows));
+  const size_t smem = (kRankChunk * TK + kRows * kRankChunk) * sizeof(float);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto* wp = w.data_ptr<T>();
+  if (unmerge)
+    merge_kernel<T, VEC, true><<<grid, kWarps * 32, smem, stream>>>(wp, A.data_ptr<float>(), B.data_ptr<float>(),
+                                                                    N, K, R, scale);
+  else
+    merge_kernel<T, VEC, false><<<grid, kWarps * 32, smem, stream>>>(wp, A.data_ptr<float>(), B.data_ptr<float>(),
+                                                                     N, K, R, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void merge_weight_cuda(at::Tensor weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                       bool unmerge) {
+  check_adapter(weight, lora_A, lora_B);
+  TORCH_CHECK(weight.is_cuda(), "weight: expected a CUDA tensor, got one on ", weight.device());
+  TORCH_CHECK(weight.is_contiguous(), "weight: merge works in place and needs a contiguous weight");
+  TORCH_CHECK(weight.scalar_type() != at::kDouble, "weight: float64 is not supported by the CUDA merge kernel");
+  TORCH_CHECK(weight.size(0) / kRows < 65535, "weight: too many rows for one launch (", weight.size(0), ")");
+  if (weight.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor A = lora_A.to(at::kFloat).contiguous(), B = lora_B.to(at::kFloat).contiguous();
+  const float scale = static_cast<float>(scaling);
+  dispatch_kernel_dtype(weight.scalar_type(), "weight", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int V = 16 / sizeof(scalar_t);
+    if (weight.size(1) % V == 0 && aligned16(weight.data_ptr()))
+      launch<scalar_t, V>(weight, A, B, scale, unmerge);
+    else
+      launch<scalar_t, 1>(weight, A, B, scale, unmerge);
+  });
+}
+
+}  // namespace
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("merge_weight_", &lora_kernels::merge_weight_cuda); }

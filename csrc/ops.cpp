@@ -1,0 +1,107 @@
+// The C++ face of lora_kernels: op schemas, CPU implementations (ATen), shared argument checks.
+// CUDA implementations register themselves from cuda/*.cu. The Python package calls these as its
+// "cuda" backend; C++ users call them through the dispatcher (see examples/ in CMakeLists.txt).
+#include <torch/library.h>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace lora_kernels {
+
+namespace {
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::ScalarType bits_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return at::kInt;
+    case at::kDouble: return at::kLong;
+    default: return at::kShort;  // float16, bfloat16
+  }
+}
+
+// W ← round(W ± s·B·A): the product accumulated in float32, one rounding. Unmerge picks, among
+// round(W - δ) and its two bit-neighbours, the first whose re-merge equals the merged W bit for bit.
+void merge_weight_cpu(at::Tensor weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                      bool unmerge) {
+  check_adapter(weight, lora_A, lora_B);
+  TORCH_CHECK(weight.is_contiguous(), "weight: merge works in place and needs a contiguous weight");
+  const auto acc = acc_type(weight.scalar_type());
+  const auto dt = weight.scalar_type();
+  at::Tensor delta = at::mm(lora_B.to(acc), lora_A.to(acc)).mul_(scaling);
+  auto remerge = [&](const at::Tensor& w) { return w.to(acc).add(delta).to(dt); };
+  if (!unmerge) {
+    weight.copy_(remerge(weight));
+    return;
+  }
+  const auto it = bits_type(dt);
+  at::Tensor target = weight.view(it);
+  at::Tensor base = weight.to(acc).sub(delta).to(dt);
+  at::Tensor result = base.clone();
+  at::Tensor found = remerge(base).view(it).eq(target);
+  for (int step : {1, -1}) {
+    at::Tensor cand = base.view(it).add(step).view(dt);
+    at::Tensor ok = found.logical_not().logical_and(remerge(cand).view(it).eq(target));
+    result = at::where(ok, cand, result);
+    found = found.logical_or(ok);
+  }
+  weight.copy_(result);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool need_dx, bool need_dbias) {
+  check_linear(x, weight, lora_A, lora_B, c10::nullopt);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == weight.size(0), "dy: expected shape (",
+              x.size(0), ", ", weight.size(0), "), got ", dy.sizes());
+  const auto dt = x.scalar_type();
+  at::Tensor A = lora_A.to(dt), B = lora_B.to(dt);
+  at::Tensor g = at::mm(dy, B).mul_(scaling);  // s·dy·B
+  at::Tensor dA = at::mm(g.t(), x).to(lora_A.scalar_type());
+  at::Tensor dB = at::mm(dy.t(), xa.to(dt)).mul_(scaling).to(lora_B.scalar_type());
+  at::Tensor dx = need_dx ? at::addmm(at::mm(dy, weight), g, A) : dy.new_empty({0});
+  at::Tensor dbias = need_dbias ? dy.sum(0) : dy.new_empty({0});
+  return {dx, dA, dB, dbias};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x, const at::Tensor& weight,
+                                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                            const c10::optional<at::Tensor>& bias, double scaling) {
+  check_linear(x, weight, lora_A, lora_B, bias);
+  const auto dt = x.scalar_type();
+  at::Tensor xa = at::mm(x, lora_A.to(dt).t());
+  at::Tensor y = bias.has_value() ? at::addmm(bias->to(dt), x, weight.t()) : at::mm(x, weight.t());
+  y.addmm_(xa, lora_B.to(dt).t(), /*beta=*/1.0, /*alpha=*/scaling);
+  return {y, xa.to(acc_type(dt))};
+}
+
+}  // namespace lora_kernels
+
+TORCH_LIBRARY(lora_kernels, m) {
+  m.def("merge_weight_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, bool unmerge) -> ()");
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling)"
+        " -> (Tensor, Tensor)");
+  m.def("linear_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa,"
+        " float scaling, bool need_dx, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("merge_weight_", &lora_kernels::merge_weight_cpu);
+  m.impl("linear_forward", &lora_kernels::linear_forward_composite);
+  m.impl("linear_backward", &lora_kernels::linear_backward);
+}
+
+#ifdef LORA_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("linear_backward", &lora_kernels::linear_backward); }
+#endif
+
+#ifdef LORA_KERNELS_PYTHON_MODULE
+// An importable module (lora_kernels._C) whose loading registers the ops above.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "lora_kernels C++/CUDA ops", -1, nullptr};
+  return PyModule_Create(&def);
+}
+#endif
