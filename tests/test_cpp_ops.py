@@ -1,0 +1,72 @@
+"""The compiled C++ ops (lora_kernels._C) on the CPU, and the CMake build with its C++ example."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference
+from helpers import make_inputs
+
+needs_ext = pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built here")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rule(name, got, composite, exact):
+    err = (got.double() - exact).norm().item()
+    tol = 2 * (composite.double() - exact).norm().item() + 1e-6 * exact.numel() ** 0.5
+    assert err <= tol, f"{name}: error {err:.3e} > {tol:.3e}"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_merge_matches_reference_bit_for_bit(dtype):
+    w = torch.randn(33, 70).to(dtype)
+    a, b = torch.randn(5, 70) / 8, torch.randn(33, 5)
+    for unmerge in (False, True):
+        mine, ref = w.clone(), w.clone()
+        torch.ops.lora_kernels.merge_weight_(mine, a, b, 0.7, unmerge)
+        reference.merge_(ref, a, b, 0.7, unmerge=unmerge)
+        assert torch.equal(mine.view(torch.uint8), ref.view(torch.uint8))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 33, 17, 1), (19, 70, 45, 8)])
+def test_cpu_linear_ops_oracle(dtype, shape):
+    M, K, N, r = shape
+    x, w, a, b, bias = make_inputs(M, K, N, r, dtype, adapter_dtype=torch.float32)
+    y, xa = torch.ops.lora_kernels.linear_forward(x, w, a, b, bias, 0.5)
+    y_c, xa_c = reference.lora_forward(x, w, a, b, bias, 0.5, None, 0.0, None)
+    f64 = [t.double() for t in (x, w, a, b, bias)]
+    y_e, xa_e = reference.lora_forward(*f64, 0.5, None, 0.0, None)
+    _rule("y", y, y_c, y_e)
+    dy = torch.randn(M, N, dtype=torch.float64)
+    got = torch.ops.lora_kernels.linear_backward(dy.to(dtype), x, w, a, b, xa, 0.5, True, True)
+    comp = reference.lora_backward(dy.to(dtype), x, w, a, b, xa_c, 0.5, None, 0.0, None, True, True)
+    exact = reference.lora_backward(dy, f64[0], f64[1], f64[2], f64[3], xa_e, 0.5, None, 0.0, None, True, True)
+    for name, g, c, e in zip(("dx", "dA", "dB", "dbias"), got, comp, exact):
+        _rule(name, g, c, e)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+
+
+@needs_ext
+def test_cpp_errors_name_the_argument():
+    w, a, b = torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 3)
+    with pytest.raises(RuntimeError, match="lora_B"):
+        torch.ops.lora_kernels.merge_weight_(w, a, b, 1.0, False)
+    with pytest.raises(RuntimeError, match="x"):
+        torch.ops.lora_kernels.linear_forward(torch.randn(3, 15), w, a, torch.randn(8, 2), None, 1.0)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmake_build_and_cpp_example(tmp_path):
+    """Builds csrc/ as a libtorch library (CPU kernels; the CUDA ones compile in the extension build) and runs
+    the C++ example, which checks the ops against ATen and exits non-zero on a mismatch."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "csrc", "example", "build.sh"), str(tmp_path / "build"),
+                           sys.executable, "-DLORA_KERNELS_CUDA=OFF"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all checks passed" in proc.stdout
