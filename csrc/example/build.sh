@@ -15,6 +15,12 @@ if [ -n "$CUDA_DIR" ]; then
   if [ -n "$NV" ] && ! ls "$CUDA_DIR"/lib64/libnvrtc.so* >/dev/null 2>&1; then
     lib=$(ls "$NV"/lib/libnvrtc.so* | head -1); args+=(-DCUDA_nvrtc_LIBRARY="$lib" -DCUDA_NVRTC_LIB="$lib")
   fi
+  # cuBLAS headers come from the wheel where the toolkit has none.
+  if [ -n "$NV" ] && [ ! -f "$CUDA_DIR/include/cublas_v2.h" ]; then
+    args+=(-DCMAKE_CUDA_FLAGS="-I$NV/include" -DCMAKE_CXX_FLAGS="-I$NV/include")
+  fi
+  # libtorch's CMake takes its GPU targets from this list (CMAKE_CUDA_ARCHITECTURES is ignored).
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0;9.0a"}
 fi
 cmake -S "$ROOT" -B "$BUILD" "${args[@]}" "${@:3}" > "$BUILD.configure.log" 2>&1 || { tail -30 "$BUILD.configure.log"; exit 1; }
 cmake --build "$BUILD" -j "$(nproc)" > "$BUILD.build.log" 2>&1 || { grep -E "error" "$BUILD.build.log" | head -30; exit 1; }
