@@ -1,0 +1,139 @@
+"""patch(model): give an existing model's LoRA layers the fused forward, changing nothing else.
+
+peft models: each peft LoRA `Linear` keeps its class, parameters, state_dict keys and save_pretrained
+output; only its instance `forward` is replaced. Layers the fused op can't serve (DoRA and other
+variants, several active adapters, lora_bias, fan_in_fan_out, non-Linear bases, a trainable base
+weight) keep peft's forward, and one log line lists them with the reason.
+
+Plain models: `patch(model, target_modules=[...], r=..., lora_alpha=...)` wraps the nn.Linear layers
+whose names end in one of target_modules into FusedLoRALinear (sharing their weight tensors).
+"""
+from __future__ import annotations
+
+import logging
+import types
+from collections import Counter
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .modules import FusedLoRALinear
+
+log = logging.getLogger("lora_kernels")
+_MARK = "_lora_kernels_patched"
+
+
+def _peft_linear_cls():
+    try:
+        from peft.tuners.lora.layer import Linear
+        return Linear
+    except Exception:  # noqa: BLE001 - peft is optional
+        return None
+
+
+def _why_not_fusable(m) -> Optional[str]:
+    """None when the fused path serves this peft layer's current configuration, else the reason."""
+    active = list(m.active_adapters)
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    if name not in m.lora_A:
+        return "active adapter has no LoRA weights here"
+    if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
+        return "DoRA / LoRA variant"
+    if getattr(m, "lora_bias", {}).get(name, False):
+        return "lora_bias"
+    if getattr(m, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    base = m.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if base.weight.requires_grad:
+        return "base weight is trainable"
+    if not isinstance(m.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(m.lora_dropout[name]).__name__}"
+    return None
+
+
+def _fused_peft_forward(self, x, *args, **kwargs):
+    cls_forward = type(self).forward
+    if (args or kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged
+            or _why_not_fusable(self) is not None):
+        return cls_forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.get_base_layer()
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    weight, bias = base.weight, base.bias
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # What autocast does for F.linear: compute in the autocast dtype.
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight,
+                                   self.scaling[name], bias, dropout_p=p, backend=getattr(self, _MARK))
+    out_dtype = x.dtype
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    y = ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], bias,
+                        dropout_p=p, backend=getattr(self, _MARK))
+    return y.to(out_dtype)
+
+
+def patch(model: nn.Module, backend: str = "auto", *, target_modules: Optional[Iterable[str]] = None,
+          r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Accelerate `model` in place and return it. See the module docstring for what is served."""
+    peft_linear = _peft_linear_cls()
+    fused, kept = 0, Counter()
+    for _, m in model.named_modules():
+        if peft_linear is not None and type(m) is peft_linear:
+            reason = _why_not_fusable(m)
+            if reason is not None:
+                kept[reason] += 1
+                continue
+            setattr(m, _MARK, backend)
+            m.forward = types.MethodType(_fused_peft_forward, m)
+            fused += 1
+    if target_modules is not None:
+        fused += _wrap_plain_linears(model, set(target_modules), backend, r, lora_alpha, lora_dropout, use_rslora)
+    detail = "; ".join(f"{n} kept their own forward ({why})" for why, n in kept.items())
+    log.info(f"lora_kernels.patch: {fused} layers fused (backend={backend})" + (f"; {detail}" if detail else ""))
+    return model
+
+
+def _wrap_plain_linears(model, names, backend, r, lora_alpha, lora_dropout, use_rslora) -> int:
+    count = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child_name in names:
+                layer = FusedLoRALinear.from_linear(child, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                    use_rslora=use_rslora, backend=backend)
+                setattr(parent, child_name, layer)
+                count += 1
+    return count
+
+
+def unpatch(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Undo patch(): peft layers get their own forward back; FusedLoRALinear wrappers become nn.Linear again
+    (their adapters folded into the weight when merge=True, dropped otherwise)."""
+    for m in model.modules():
+        if hasattr(m, _MARK):
+            del m.forward
+            delattr(m, _MARK)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is FusedLoRALinear:
+                if merge:
+                    child.merge()
+                elif child.merged:
+                    child.unmerge()
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                device="meta")
+                lin.weight = child.weight
+                lin.bias = child.bias
+                setattr(parent, child_name, lin)
+    return model
