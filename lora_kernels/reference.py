@@ -159,3 +159,46 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge: bool = False):
     new = unmerged_value(weight, delta) if unmerge else merged_value(weight, delta)
     weight.copy_(new)
     return weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Many adapters on one base: lora_A (S, R, K), lora_B (S, N, R), scalings (S,), one slot id per row
+# (-1 = base only). Ranks below R are zero-padded by the caller, so the math needs no per-slot rank.
+
+
+def _slot_rows(ids):
+    for s in torch.unique(ids).tolist():
+        if s >= 0:
+            yield s, (ids == s).nonzero().squeeze(1)
+
+
+def multi_lora_forward(x2d, weight, lora_A, lora_B, scalings, bias, ids):
+    """Returns (y, xa) with xa[m] = x[m]·A[ids[m]]ᵀ (zero for base-only rows), kept in float32/64."""
+    dt = x2d.dtype
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    y = x2d @ weight.t()
+    xa = torch.zeros((x2d.shape[0], lora_A.shape[1]), device=x2d.device, dtype=dt)
+    for s, rows in _slot_rows(ids):
+        t = x2d[rows] @ lora_A[s].to(dt).t()
+        y.index_add_(0, rows, (t @ lora_B[s].to(dt).t()) * scalings[s].to(dt))
+        xa[rows] = t
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y, xa.to(acc)
+
+
+def multi_lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, need_dx, need_dbias):
+    """(dx | None, dA (S, R, K), dB (S, N, R), dbias | None): each slot's gradient from its own rows only."""
+    dt = dy.dtype
+    dA = torch.zeros(lora_A.shape, device=dy.device, dtype=dt)
+    dB = torch.zeros(lora_B.shape, device=dy.device, dtype=dt)
+    dx = dy @ weight if need_dx else None
+    for s, rows in _slot_rows(ids):
+        sc = scalings[s].to(dt)
+        g = (dy[rows] @ lora_B[s].to(dt)) * sc
+        dA[s] = g.t() @ x2d[rows]
+        dB[s] = (dy[rows].t() @ xa[rows].to(dt)) * sc
+        if need_dx:
+            dx.index_add_(0, rows, g @ lora_A[s].to(dt))
+    dbias = dy.sum(0) if need_dbias else None
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias

@@ -20,17 +20,41 @@ from .dropout import keep_mask, load_seed
 
 
 @triton.jit
+def _lowrank_dot(acc, l_ptr, r_ptr, rows, rn, R, stride_lm, stride_lr, stride_rr, stride_rn, row_scale,
+                 DT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += (row_scale ⊙ L[rows, :R]) · Rt[:R, rn]: the extra K step(s) that carry the LoRA term."""
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        lt = tl.load(l_ptr + rows[:, None] * stride_lm + rr[None, :] * stride_lr, mask=rr[None, :] < R, other=0.0)
+        lt = (lt.to(tl.float32) * row_scale[:, None]).to(DT)
+        rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=rr[:, None] < R, other=0.0)
+        acc = tl.dot(lt, rt.to(DT), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _next_slot(slot, cur):
+    """The smallest slot id in the tile above cur (2**30 when none): walks only the slots present."""
+    return tl.min(tl.where(slot > cur, slot, 1 << 30), axis=0)
+
+
+@triton.jit
 def _gemm_lowrank_kernel(
-    a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, seed_ptr,
+    a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, seed_ptr, perm_ptr, slot_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_rs,
     scale, threshold, keep_scale,
-    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr, MULTI: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C = A·B + (s·L)·Rt (+ bias); with LOWRANK_DROPOUT the low-rank part is masked per (row, col)."""
+    """C = A·B + (s·L)·Rt (+ bias); with LOWRANK_DROPOUT the low-rank part is masked per (row, col).
+
+    MULTI (one adapter per row): tile rows are positions in slot-sorted order; perm maps them to rows
+    of A and C, slot gives each position's adapter (-1: none), Rt is stacked per slot (stride_rs) and
+    scale_ptr holds one scaling per slot. Each slot present in the tile adds one masked low-rank step.
+    """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -46,8 +70,12 @@ def _gemm_lowrank_kernel(
     # Wrapped indices keep every load in bounds; the store is masked instead.
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
+    if MULTI:
+        src = tl.load(perm_ptr + rm).to(tl.int64)
+    else:
+        src = rm
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    a_ptrs = a_ptr + src[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -62,30 +90,35 @@ def _gemm_lowrank_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # The low-rank term: one more K step (a few for r > BLOCK_R) over (s·L, Rt).
-    if SCALE_FROM_PTR:
-        s = tl.load(scale_ptr).to(tl.float32)
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    if MULTI:
+        slot = tl.where(offs_m < M, tl.load(slot_ptr + rm), -1)
+        cur = _next_slot(slot, -1)
+        last = tl.max(slot, axis=0)
+        while cur <= last:
+            row_scale = tl.where(slot == cur, tl.load(scale_ptr + cur).to(tl.float32), 0.0)
+            acc = _lowrank_dot(acc, l_ptr, r_ptr + cur.to(tl.int64) * stride_rs, rm, rn, R, stride_lm, stride_lr,
+                               stride_rr, stride_rn, row_scale, DT, BLOCK_R, DOT_PRECISION)
+            cur = _next_slot(slot, cur)
     else:
-        s = scale
-    if LOWRANK_DROPOUT:
-        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=rr[None, :] < R, other=0.0)
-        lt = (lt.to(tl.float32) * s).to(a_ptr.dtype.element_ty)
-        rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=rr[:, None] < R, other=0.0)
-        rt = rt.to(a_ptr.dtype.element_ty)
-        if LOWRANK_DROPOUT:
-            low = tl.dot(lt, rt, low, input_precision=DOT_PRECISION)
+        if SCALE_FROM_PTR:
+            s = tl.load(scale_ptr).to(tl.float32)
         else:
-            acc = tl.dot(lt, rt, acc, input_precision=DOT_PRECISION)
-    if LOWRANK_DROPOUT:
-        keep = keep_mask(load_seed(seed_ptr), offs_m, offs_n, threshold)
-        acc += tl.where(keep, low * keep_scale, 0.0)
+            s = scale
+        row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * s
+        if LOWRANK_DROPOUT:
+            low = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, r_ptr, rm, rn, R, stride_lm,
+                               stride_lr, stride_rr, stride_rn, row_scale, DT, BLOCK_R, DOT_PRECISION)
+            keep = keep_mask(load_seed(seed_ptr), offs_m, offs_n, threshold)
+            acc += tl.where(keep, low * keep_scale, 0.0)
+        else:
+            acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn, row_scale,
+                               DT, BLOCK_R, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    dst = src if MULTI else offs_m.to(tl.int64)
+    c_ptrs = c_ptr + dst[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -97,14 +130,17 @@ _gemm_lowrank_tuned = triton.autotune(
 
 @triton.jit
 def _skinny_rank_kernel(
-    x_ptr, rt_ptr, out_ptr, scale_ptr, seed_ptr,
+    x_ptr, rt_ptr, out_ptr, scale_ptr, seed_ptr, perm_ptr, slot_ptr,
     M, K, R, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_rk, stride_rr, stride_os, stride_om, stride_or,
+    stride_xm, stride_xk, stride_rk, stride_rr, stride_rs, stride_os, stride_om, stride_or,
     scale, threshold, keep_scale,
-    SCALE_FROM_PTR: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE_FROM_PTR: tl.constexpr, DROPOUT: tl.constexpr, MULTI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[split] = s · (mask ⊙ X)[:, split's K range] · Rt[split's K range, :]   (M×R, float32)."""
+    """out[split] = s · (mask ⊙ X)[:, split's K range] · Rt[split's K range, :]   (M×R, float32).
+
+    MULTI: rows are slot-sorted positions (perm maps them to rows of X) and Rt is stacked per slot.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,16 +150,32 @@ def _skinny_rank_kernel(
     k_end = min(K, k_start + K_PER_SPLIT)
     if DROPOUT:
         seed = load_seed(seed_ptr)
+    if MULTI:
+        src = tl.load(perm_ptr + rm).to(tl.int64)
+        slot = tl.where(offs_m < M, tl.load(slot_ptr + rm), -1)
+        first = _next_slot(slot, -1)
+        last = tl.max(slot, axis=0)
+    else:
+        src = rm
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=rk[None, :] < k_end, other=0.0)
+        x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk, mask=rk[None, :] < k_end, other=0.0)
         if DROPOUT:
             keep = keep_mask(seed, offs_m, rk, threshold)
             x = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0).to(x.dtype)
-        rt = tl.load(rt_ptr + rk[:, None] * stride_rk + rr[None, :] * stride_rr,
-                     mask=(rk[:, None] < k_end) & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(x, rt.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        rt_ptrs = rt_ptr + rk[:, None] * stride_rk + rr[None, :] * stride_rr
+        rt_mask = (rk[:, None] < k_end) & (rr[None, :] < R)
+        if MULTI:
+            cur = first
+            while cur <= last:
+                rt = tl.load(rt_ptrs + cur.to(tl.int64) * stride_rs, mask=rt_mask, other=0.0)
+                x_sel = tl.where((slot == cur)[:, None], x, 0.0).to(x.dtype)
+                acc = tl.dot(x_sel, rt.to(x.dtype), acc, input_precision=DOT_PRECISION)
+                cur = _next_slot(slot, cur)
+        else:
+            rt = tl.load(rt_ptrs, mask=rt_mask, other=0.0)
+            acc = tl.dot(x, rt.to(x.dtype), acc, input_precision=DOT_PRECISION)
     if SCALE_FROM_PTR:
         acc *= tl.load(scale_ptr).to(tl.float32)
     else:
@@ -215,21 +267,39 @@ def _scale_args(scale, scale_t, like):
     return float(scale), like, False
 
 
-def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None, dropout=None, allow_tf32=False):
-    """out (M×N) = a (M×K) · b (K×N) + (s·low_l) (M×R) · low_r (R×N) + bias; b and low_r may be strided views."""
+class Multi:
+    """One adapter per row: slot-sorted order (perm), each position's slot, per-slot scalings."""
+
+    def __init__(self, perm, slots, scalings):
+        self.perm, self.slots, self.scalings = perm, slots, scalings
+
+
+def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None, dropout=None, multi=None,
+                 allow_tf32=False):
+    """out (M×N) = a (M×K) · b (K×N) + (s·low_l) (M×R) · low_r (R×N) + bias; b and low_r may be strided views.
+
+    With multi, low_r is (slots, R, N) and low_l holds rows in the slot-sorted order of multi.perm."""
     M, K = a.shape
     N = b.shape[1]
     R = low_l.shape[1]
     dropout = dropout or Dropout(None, 0.0)
-    s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, a)
+    if multi is not None:
+        s, s_ptr, s_from_ptr = 1.0, multi.scalings, True
+        perm, slots, rs = multi.perm, multi.slots, low_r.stride(0)
+        r2 = low_r[0]
+    else:
+        s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, a)
+        perm, slots, rs, r2 = a, a, 0, low_r
     args = (a, b, out, low_l, low_r, bias if bias is not None else a, s_ptr,
-            dropout.seed if dropout.on else a,
+            dropout.seed if dropout.on else a, perm, slots,
             M, N, K, R, configs.m_bucket(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            low_l.stride(0), low_l.stride(1), low_r.stride(0), low_r.stride(1),
+            low_l.stride(0), low_l.stride(1), r2.stride(0), r2.stride(1), rs,
             s, dropout.threshold, dropout.keep_scale)
     flags = dict(HAS_BIAS=bias is not None, SCALE_FROM_PTR=s_from_ptr, LOWRANK_DROPOUT=dropout.on,
-                 DOT_PRECISION=_precision(a.dtype, allow_tf32), BLOCK_R=_block_r(R))
+                 MULTI=multi is not None, DOT_PRECISION=_precision(a.dtype, allow_tf32), BLOCK_R=_block_r(R))
+    if M == 0 or N == 0:
+        return out
     if configs.interpreting():
         cfg = configs.INTERPRET_GEMM
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -241,11 +311,15 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
     return out
 
 
-def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, allow_tf32=False):
-    """s · (mask ⊙ x) · rt → (M×R) float32; x (M×K), rt (K×R) may be a strided view."""
+def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, multi=None, allow_tf32=False):
+    """s · (mask ⊙ x) · rt → (M×R) float32; x (M×K), rt (K×R) may be a strided view.
+
+    With multi, rt is (slots, K, R) and the result's rows are in the slot-sorted order of multi.perm."""
     M, K = x.shape
-    R = rt.shape[1]
+    R = rt.shape[-1]
     dropout = dropout or Dropout(None, 0.0)
+    if M == 0 or K == 0:
+        return torch.zeros((M, R), device=x.device, dtype=torch.float32)
     block_r = max(16, triton.next_power_of_2(R))
     block_m = 16 if configs.interpreting() else (64 if M > 64 else 16)
     block_k = 32 if (configs.interpreting() or block_r > 64) else 64
@@ -255,12 +329,14 @@ def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, allow_tf32=Fals
     split = triton.cdiv(K, k_per_split)
     part = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
     s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, x)
+    perm, slots, rs, r2 = (multi.perm, multi.slots, rt.stride(0), rt[0]) if multi is not None else (x, x, 0, rt)
     _skinny_rank_kernel[(m_blocks, split)](
-        x, rt, part, s_ptr, dropout.seed if dropout.on else x,
+        x, rt, part, s_ptr, dropout.seed if dropout.on else x, perm, slots,
         M, K, R, k_per_split,
-        x.stride(0), x.stride(1), rt.stride(0), rt.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        x.stride(0), x.stride(1), r2.stride(0), r2.stride(1), rs, part.stride(0), part.stride(1), part.stride(2),
         s, dropout.threshold, dropout.keep_scale,
-        SCALE_FROM_PTR=s_from_ptr, DROPOUT=dropout.on, DOT_PRECISION=_precision(x.dtype, allow_tf32),
+        SCALE_FROM_PTR=s_from_ptr, DROPOUT=dropout.on, MULTI=multi is not None,
+        DOT_PRECISION=_precision(x.dtype, allow_tf32),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4 if block_r <= 64 else 8,
     )
     return part[0] if split == 1 else part.sum(0)
@@ -271,6 +347,9 @@ def reduce_rows(x, s_mat, *, scale=1.0, scale_t=None, dropout=None, colsum=False
     M, C = x.shape
     R = s_mat.shape[1]
     dropout = dropout or Dropout(None, 0.0)
+    if M == 0 or C == 0:
+        zeros = torch.zeros((C, R), device=x.device, dtype=torch.float32)
+        return zeros, (torch.zeros((C,), device=x.device, dtype=torch.float32) if colsum else None)
     block_r = max(16, triton.next_power_of_2(R))
     block_c = 32 if (configs.interpreting() or block_r > 64) else 64
     block_m = 16 if configs.interpreting() else 64
