@@ -56,22 +56,23 @@ def _check_name(backend):
 
 
 def _require(name: str, t: torch.Tensor):
+    """Input problems (device, dtype) raise ValueError/TypeError; a missing build raises RuntimeError."""
+    if name == "torch":
+        return
+    if t.dtype == torch.float64:
+        raise TypeError(f"backend={name!r}: float64 is not supported by the GPU kernels; use backend='torch'")
     if name == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton': triton could not be imported")
         if not (t.is_cuda or _interpreting()):
             raise ValueError(f"backend='triton': tensors are on {t.device}; the Triton kernels need CUDA tensors "
                              "(or TRITON_INTERPRET=1 for the CPU interpreter)")
-        if t.dtype == torch.float64:
-            raise TypeError("backend='triton': float64 is not supported by the GPU kernels; use backend='torch'")
+        if not triton_available():
+            raise RuntimeError("backend='triton': triton could not be imported")
     elif name == "cuda":
+        if not t.is_cuda:
+            raise ValueError(f"backend='cuda': tensors are on {t.device}; the CUDA kernels need CUDA tensors")
         if not cuda_ext_available():
             raise RuntimeError("backend='cuda': the compiled extension lora_kernels._C is not built "
                                "(install with nvcc and a CUDA build of torch)")
-        if not t.is_cuda:
-            raise ValueError(f"backend='cuda': tensors are on {t.device}; the CUDA kernels need CUDA tensors")
-        if t.dtype == torch.float64:
-            raise TypeError("backend='cuda': float64 is not supported by the GPU kernels; use backend='torch'")
 
 
 def resolve(backend: str, t: torch.Tensor) -> str:
