@@ -1,0 +1,51 @@
+"""Property-based: the oracle rule over random shapes, ranks, dtypes, strides, bias and dropout."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import make_inputs, oracle_check
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
+
+
+def _case(draw, dtypes, max_dim):
+    return dict(M=draw(st.integers(1, max_dim)), K=draw(st.integers(1, max_dim)), N=draw(st.integers(1, max_dim)),
+                r=draw(st.integers(1, 20)), dtype=draw(st.sampled_from(dtypes)), bias=draw(st.booleans()),
+                layout=draw(st.sampled_from(["contiguous", "noncontig", "3d"])),
+                fp32_adapters=draw(st.booleans()), p=draw(st.sampled_from([0.0, 0.3])),
+                scaling=draw(st.floats(0.05, 4.0)))
+
+
+def _run(c, backend):
+    inputs = make_inputs(c["M"], c["K"], c["N"], c["r"], c["dtype"], bias=c["bias"],
+                         noncontig=c["layout"] == "noncontig", x_3d=c["layout"] == "3d",
+                         adapter_dtype=torch.float32 if c["fp32_adapters"] else None)
+    oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend=backend)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(st.data())
+def test_torch_backend_property(data):
+    _run(_case(data.draw, [torch.float32, torch.bfloat16, torch.float16], 80), "torch")
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter property run where there is no GPU")
+@settings(max_examples=25, **SETTINGS)
+@given(st.data())
+def test_triton_interpreter_property(data):
+    _run(_case(data.draw, [torch.float32, torch.float16], 48), "triton")
+
+
+@pytest.mark.gpu
+@settings(max_examples=200, **SETTINGS)
+@given(st.data())
+def test_triton_gpu_property(data):
+    c = _case(data.draw, [torch.float32, torch.bfloat16, torch.float16], 300)
+    inputs = make_inputs(c["M"], c["K"], c["N"], c["r"], c["dtype"], bias=c["bias"], device="cuda",
+                         noncontig=c["layout"] == "noncontig", x_3d=c["layout"] == "3d",
+                         adapter_dtype=torch.float32 if c["fp32_adapters"] else None)
+    oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend="triton")
