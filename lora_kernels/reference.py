@@ -91,10 +91,11 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, scaling_t, dropo
     A = lora_A.to(dt)
     B = lora_B.to(dt)
     s = _scale_value(scaling, scaling_t, dt, dy.device)
-    g = (dy @ B) * s                       # (M, r): s·dy·B
+    dys = dy * s                           # scaled first, in the order autograd takes through the composite
+    g = dys @ B                            # (M, r): s·dy·B
     xd = apply_dropout(x2d, dropout_p, seed)
     dA = (g.t() @ xd).to(lora_A.dtype)
-    dB = ((dy.t() @ xa.to(dt)) * s).to(lora_B.dtype)
+    dB = (dys.t() @ xa.to(dt)).to(lora_B.dtype)
     dx = None
     if need_dx:
         lora_dx = g @ A
