@@ -22,8 +22,10 @@ def _progress(jobs):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_kernels.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a short run over fewer shapes and ranks")
-    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge"],
-                    choices=["forward", "train", "merge"], help="train = fwd+bwd with x needing grad, W frozen")
+    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge", "multi"],
+                    choices=["forward", "train", "merge", "multi", "e2e"],
+                    help="train = fwd+bwd with x needing grad, W frozen; multi = mixed-adapter batches; "
+                         "e2e = a ~1B Llama fine-tune step (needs peft and transformers)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--out", default="bench/results", help="folder for the .jsonl/.md/.png results")
     ap.add_argument("--cpu-demo", action="store_true", help="run the CPU demo even where a GPU is present")
@@ -36,8 +38,22 @@ def main(argv=None) -> int:
         return 0 if cpu_demo.run() else 1
 
     from . import gpu, report
-    rows, meta = gpu.run(args.quick, args.modes, args.providers, log=print, progress=_progress)
+    rows, meta = gpu.run(args.quick, [m for m in args.modes if m in ("forward", "train", "merge")],
+                         args.providers, log=print, progress=_progress)
+    if "multi" in args.modes:
+        from . import multi
+        rows += [dict(r, **meta) for r in multi.run(log=print)]
+    curves = None
+    if "e2e" in args.modes:
+        from . import e2e
+        e2e_rows, curves = e2e.run(log=print, steps_curve=50 if args.quick else 200)
+        rows += [dict(r, **meta, floor_ms=None) for r in e2e_rows]
     base = report.write_all(rows, meta, args.out)
+    if curves:
+        import json
+        with open(base + "-loss.json", "w") as f:
+            json.dump(curves, f)
+        e2e.plot_curves(curves, base + "-loss.png")
     print(report.markdown(rows, meta))
     print(f"results: {base}.jsonl, {base}.md, {base}.png")
     return 0

@@ -25,18 +25,39 @@ class Problem:
         self.x = torch.randn(M, K, device=device, generator=g).to(dtype)
 
 
-def _peft_module(pb: Problem):
-    """peft's LoRA Linear around an nn.Linear holding the same W, A and B (None if peft is absent)."""
+class _Holder(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+
+def peft_lora_layer(weight: torch.Tensor, r: int, lora_alpha: float, dropout: float = 0.0, adapters: int = 1):
+    """peft's LoRA Linear around a frozen nn.Linear holding `weight`, built through peft's public API
+    (get_peft_model / add_adapter) so that it does not depend on the layer's constructor signature.
+    Returns None where peft is not installed."""
     try:
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        import peft
     except Exception:  # noqa: BLE001
         return None
-    base = nn.Linear(pb.K, pb.N, bias=False, device=pb.weight.device, dtype=pb.dtype)
-    base.weight = nn.Parameter(pb.weight, requires_grad=False)
-    layer = PeftLoraLinear(base, "default", r=pb.r, lora_alpha=pb.scaling * pb.r, lora_dropout=pb.p)
-    layer.lora_A["default"].weight = nn.Parameter(pb.lora_A.detach().clone().to(pb.dtype))
-    layer.lora_B["default"].weight = nn.Parameter(pb.lora_B.detach().clone().to(pb.dtype))
-    return layer
+    N, K = weight.shape
+    base = nn.Linear(K, N, bias=False, device=weight.device, dtype=weight.dtype)
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    cfg = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["proj"])
+    model = peft.get_peft_model(_Holder(base), cfg, adapter_name="a0")
+    for s in range(1, adapters):
+        model.add_adapter(f"a{s}", cfg)
+    return model.base_model.model.proj
+
+
+def _peft_module(pb: Problem):
+    """peft's LoRA Linear holding the same W, A and B (None if peft is absent)."""
+    layer = peft_lora_layer(pb.weight, pb.r, pb.scaling * pb.r, pb.p)
+    if layer is None:
+        return None
+    with torch.no_grad():
+        layer.lora_A["a0"].weight.copy_(pb.lora_A)
+        layer.lora_B["a0"].weight.copy_(pb.lora_B)
+    return layer.to(pb.dtype)
 
 
 def _addmm(pb: Problem):

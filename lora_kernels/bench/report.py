@@ -24,6 +24,8 @@ def markdown(rows, meta) -> str:
     present = [p for p in order if any(r["provider"] == p for r in rows)]
     groups = OrderedDict()
     for r in rows:
+        if r["mode"] in ("multi", "e2e"):
+            continue
         groups.setdefault((r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"]), {})[r["provider"]] = r
     out = [f"GPU {meta['gpu']} · torch {meta['torch']} · triton {meta['triton']} · git {meta['sha']} · "
            f"{meta['time']} · measured ceilings: copy {meta['copy_tbps']:.2f} TB/s, "
@@ -47,6 +49,22 @@ def markdown(rows, meta) -> str:
         out.append(f"| {mode} | {shape} | {rank} | {p:g} | {base['p50_ms']:.4f} | " + " | ".join(cells) +
                    f" | {fl / base['p50_ms']:.3f} | " + (f"{min(ours) / fl:.2f}" if ours else "–") +
                    f" | {acts} |")
+    multi = [r for r in rows if r["mode"] == "multi"]
+    if multi:
+        out += ["", "Mixed-adapter batches (K×N = " + f"{multi[0]['K']}×{multi[0]['N']}, r={multi[0]['r']}): "
+                "time / cuBLAS x@Wᵀ of the same rows; `vs one adapter` = our time over our time for the same rows "
+                "on a single adapter.", "",
+                "| rows | adapters | provider | ms | ratio | vs one adapter |", "|---|---|---|---|---|---|"]
+        for r in multi:
+            v = f"{r['ratio_vs_one_adapter']:.3f}" if r.get("ratio_vs_one_adapter") else "–"
+            out.append(f"| {r['M']} | {r['adapters']} | {r['provider']} | {r['p50_ms']:.4f} | {r['ratio']:.3f} | {v} |")
+    e2e = [r for r in rows if r["mode"] == "e2e"]
+    if e2e:
+        out += ["", "End-to-end LoRA fine-tune step (TinyLlama shape, bf16, batch 2×2048, r=16, dropout 0.05, AdamW): "
+                "wall time per step (median of 10) and activation memory kept by the forward.", "",
+                "| provider | step ms | vs peft eager | activations MiB |", "|---|---|---|---|"]
+        for r in e2e:
+            out.append(f"| {r['provider']} | {r['p50_ms']:.1f} | {r['ratio']:.3f} | {r['act_mib']:.0f} |")
     return "\n".join(out) + "\n"
 
 

@@ -1,0 +1,55 @@
+"""Mixed-adapter batches on the GPU: our bank vs the same rows on one adapter, and peft's mixed-batch forward."""
+from __future__ import annotations
+
+import torch
+from triton.testing import do_bench
+
+import lora_kernels as lk
+from . import providers as P
+
+CASES = [(64, 64), (64, 1), (8192, 16), (8192, 1)]     # (rows, distinct adapters)
+
+
+def _peft_mixed(r, S, dtype, bank):
+    layer = P.peft_lora_layer(bank.weight, r, 2 * r, adapters=S)
+    if layer is None:
+        return None
+    with torch.no_grad():
+        for s in range(S):
+            layer.lora_A[f"a{s}"].weight.copy_(bank.lora_A[s, :r])
+            layer.lora_B[f"a{s}"].weight.copy_(bank.lora_B[s, :, :r])
+    return layer.to(dtype).eval()
+
+
+def run(K=4096, N=4096, r=16, dtype=torch.bfloat16, log=print):
+    rows_out = []
+    bank = lk.LoRAAdapterBank(K, N, max_adapters=64, max_rank=r, bias=False, device="cuda", dtype=dtype)
+    for s in range(64):
+        bank.load_adapter(f"a{s}", torch.randn(r, K, device="cuda") / K**0.5,
+                          torch.randn(N, r, device="cuda") / r**0.5, lora_alpha=2 * r)
+    for M, S in CASES:
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        ids = (torch.arange(M, device="cuda") % S).to(torch.int32)
+        names = [f"a{int(i)}" for i in ids.tolist()]
+        fns = {"base": lambda: x @ bank.weight.t(),
+               "triton": lambda: lk.multi_lora_linear(x, bank.weight, bank.lora_A, bank.lora_B, bank.scalings, ids,
+                                                      backend="triton", check_ids=False)}
+        peft_layer = _peft_mixed(r, S, dtype, bank) if M <= 64 or S <= 16 else None
+        if peft_layer is not None:
+            fns["peft_mixed"] = lambda: peft_layer(x, adapter_names=names)
+        for name, fn in fns.items():
+            with torch.no_grad():
+                fn()
+                p20, p50, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+            rows_out.append(dict(op="multi_lora", provider=name, mode="multi", M=M, K=K, N=N, r=r, adapters=S,
+                                 dtype=str(dtype).replace("torch.", ""), p20_ms=p20, p50_ms=p50, p80_ms=p80,
+                                 act_mib=None, timing="events", dropout=0.0))
+    base = {(row["M"], row["adapters"]): row["p50_ms"] for row in rows_out if row["provider"] == "base"}
+    one = {row["M"]: row["p50_ms"] for row in rows_out if row["provider"] == "triton" and row["adapters"] == 1}
+    for row in rows_out:
+        row["ratio"] = row["p50_ms"] / base[(row["M"], row["adapters"])]
+        row["ratio_vs_one_adapter"] = row["p50_ms"] / one[row["M"]] if row["provider"] == "triton" else None
+        log(f"  multi M={row['M']:5d} adapters={row['adapters']:3d} {row['provider']:11s} {row['p50_ms']:.4f} ms "
+            f"ratio {row['ratio']:.3f}" + (f" vs one adapter {row['ratio_vs_one_adapter']:.3f}"
+                                           if row["ratio_vs_one_adapter"] else ""))
+    return rows_out

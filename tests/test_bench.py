@@ -1,0 +1,44 @@
+"""The benchmark's pieces that run without a GPU: the CPU demo, the report writer, and a miniature of the
+end-to-end fine-tune (peft vs patched from the same seed)."""
+import json
+
+import pytest
+import torch
+
+from lora_kernels.bench import cpu_demo, report
+
+
+def test_cpu_demo_passes():
+    lines = []
+    assert cpu_demo.run(log=lines.append)
+    assert any("timings need a GPU" in s for s in lines)
+
+
+def test_report_files(tmp_path):
+    meta = dict(gpu="Test GPU 80GB", torch="x", triton="y", sha="abc1234", time="2026-11-23T12:00:00",
+                copy_tbps=3.0, matmul_tflops=700.0)
+    rows = []
+    for prov, ms in (("base", 1.0), ("peft", 1.44), ("triton", 1.05)):
+        rows.append(dict(op="lora_linear", provider=prov, mode="forward", M=8192, K=4096, N=4096, r=16,
+                         dtype="bfloat16", dropout=0.0, p20_ms=ms, p50_ms=ms, p80_ms=ms, act_mib=None,
+                         floor_ms=0.4, ratio=ms / 1.0, timing="events", **meta))
+    base = report.write_all(rows, meta, str(tmp_path))
+    assert base.endswith("test-gpu-80gb-20261123-abc1234")
+    lines = open(base + ".jsonl").read().splitlines()
+    assert [json.loads(s)["provider"] for s in lines] == ["base", "peft", "triton"]
+    md = open(base + ".md").read()
+    assert "| forward | 8192×4096×4096 | 16 | 0 | 1.0000 | 1.000 | 1.440 | 1.050 | 0.400 | 2.62 |" in md
+
+
+def test_e2e_miniature_loss_curves_agree():
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from lora_kernels.bench import e2e
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=32)
+    curves = e2e.loss_curves(steps=40, batch=2, seq=16, config=cfg, device="cpu", dtype=torch.float32)
+    peft_c, ours = curves["peft"], curves["patched"]
+    assert abs(peft_c[0] - ours[0]) < 0.05 * peft_c[0]           # same weights, data; masks differ
+    assert ours[-1] < ours[0] and peft_c[-1] < peft_c[0]
+    tail = slice(-10, None)
+    assert abs(sum(peft_c[tail]) - sum(ours[tail])) / 10 < 0.1 * peft_c[0]
