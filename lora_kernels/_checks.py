@@ -21,15 +21,27 @@ def check_dropout(p):
 
 
 def check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p):
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+    _tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape (out_features, in_features), got {tuple(weight.shape)}")
+    check_lora_shapes(x, weight.shape[0], weight.shape[1], lora_A, lora_B, bias, dropout_p)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}; cast one of them")
+    if weight.device != x.device:
+        raise ValueError(f"weight: on {weight.device}, expected {x.device} (the device of x)")
+    if weight.requires_grad:
+        raise ValueError("weight: requires_grad=True, but LoRA never trains the base weight; "
+                         "freeze it with weight.requires_grad_(False)")
+
+
+def check_lora_shapes(x, N, K, lora_A, lora_B, bias, dropout_p):
+    """Everything but the base weight itself: x (..., K), A (r, K), B (N, r), bias (N,), dropout."""
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         _tensor(name, t)
     if bias is not None:
         _tensor("bias", bias)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., in_features), got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected shape (out_features, in_features), got {tuple(weight.shape)}")
-    N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
     if lora_A.dim() != 2 or lora_A.shape[1] != K:
@@ -41,14 +53,9 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p):
         raise ValueError(f"lora_B: expected shape ({N}, {r}), got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias: expected shape ({N},), got {tuple(bias.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}; cast one of them")
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: on {t.device}, expected {x.device} (the device of x)")
-    if weight.requires_grad:
-        raise ValueError("weight: requires_grad=True, but LoRA never trains the base weight; "
-                         "freeze it with weight.requires_grad_(False)")
     check_dropout(dropout_p)
 
 

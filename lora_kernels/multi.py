@@ -42,15 +42,14 @@ def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     """Backward of the mixed batch (reference math, one pass per slot present): no fused kernel yet."""
     dx, dA, dB, dbias = reference.multi_lora_backward(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids,
                                                       need_dx, need_dbias)
-    empty = dy.new_empty((0,))
-    return (dx if dx is not None else empty, dA, dB, dbias if dbias is not None else empty)
+    # two distinct empties: custom-op outputs may not alias each other
+    return (dx if dx is not None else dy.new_empty((0,)), dA, dB, dbias if dbias is not None else dy.new_empty((0,)))
 
 
 @multi_lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, need_dx, need_dbias):
-    empty = dy.new_empty((0,))
-    return (x.new_empty(x.shape) if need_dx else empty, lora_A.new_empty(lora_A.shape),
-            lora_B.new_empty(lora_B.shape), dy.new_empty((dy.shape[1],)) if need_dbias else empty)
+    return (x.new_empty(x.shape) if need_dx else dy.new_empty((0,)), lora_A.new_empty(lora_A.shape),
+            lora_B.new_empty(lora_B.shape), dy.new_empty((dy.shape[1],)) if need_dbias else dy.new_empty((0,)))
 
 
 def _setup(ctx, inputs, output):

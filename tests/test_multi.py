@@ -172,3 +172,14 @@ def test_bank_rejects_bad_adapters():
     bank.load_adapter("d", torch.randn(2, 32, device=DEV), torch.randn(24, 2, device=DEV), lora_alpha=1)
     with pytest.raises(RuntimeError, match="slots"):
         bank.load_adapter("e", torch.randn(2, 32, device=DEV), torch.randn(24, 2, device=DEV), lora_alpha=1)
+
+
+def test_backward_with_frozen_bias_and_x_without_grad():
+    x = torch.randn(5, 16, device=DEV)
+    w = torch.randn(8, 16, device=DEV)
+    A, B, scal = _stack(2, 2, 16, 8, torch.float32)
+    A.requires_grad_()
+    y = lk.multi_lora_linear(x, w, A, B, scal, torch.tensor([0, 1, -1, 1, 0], device=DEV, dtype=torch.int32),
+                             torch.randn(8, device=DEV), backend="torch")
+    y.sum().backward()
+    assert A.grad is not None and torch.count_nonzero(A.grad) > 0

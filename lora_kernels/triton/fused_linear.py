@@ -40,13 +40,13 @@ def _next_slot(slot, cur):
 
 @triton.jit
 def _gemm_lowrank_kernel(
-    a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, seed_ptr, perm_ptr, slot_ptr,
+    a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, seed_ptr, perm_ptr, slot_ptr, absmax_ptr, code_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_rs,
     scale, threshold, keep_scale,
     HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr, MULTI: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    NF4: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A·B + (s·L)·Rt (+ bias); with LOWRANK_DROPOUT the low-rank part is masked per (row, col).
@@ -54,6 +54,10 @@ def _gemm_lowrank_kernel(
     MULTI (one adapter per row): tile rows are positions in slot-sorted order; perm maps them to rows
     of A and C, slot gives each position's adapter (-1: none), Rt is stacked per slot (stride_rs) and
     scale_ptr holds one scaling per slot. Each slot present in the tile adds one masked low-rank step.
+
+    NF4: B is a 4-bit weight dequantised tile by tile in the main loop: b_ptr holds two codes per byte (high
+    nibble first), stride_bk/stride_bn are element strides into the flat weight, absmax_ptr one float32
+    per 64-element block, code_ptr the 16 NF4 values.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -78,19 +82,26 @@ def _gemm_lowrank_kernel(
     a_ptrs = a_ptr + src[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    DT: tl.constexpr = a_ptr.dtype.element_ty
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+        if NF4:
+            kk = k * BLOCK_K + rk
+            flat = kk.to(tl.int64)[:, None] * stride_bk + rn[None, :] * stride_bn
+            byte = tl.load(b_ptr + flat // 2, mask=kk[:, None] < K, other=0)
+            nib = tl.where(flat % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
+            b = (tl.load(code_ptr + nib) * tl.load(absmax_ptr + flat // 64, mask=kk[:, None] < K, other=0.0)).to(DT)
+        elif EVEN_K:
             b = tl.load(b_ptrs)
         else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < K - k * BLOCK_K, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    DT: tl.constexpr = a_ptr.dtype.element_ty
     if MULTI:
         slot = tl.where(offs_m < M, tl.load(slot_ptr + rm), -1)
         cur = _next_slot(slot, -1)
@@ -274,13 +285,42 @@ class Multi:
         self.perm, self.slots, self.scalings = perm, slots, scalings
 
 
+class NF4B:
+    """B as a 4-bit weight: packed codes, float32 absmax per 64 elements, the NF4 table, and B's logical
+    shape (K, N) with element strides into the flat weight."""
+
+    def __init__(self, packed, absmax, code, shape, strides):
+        self.packed, self.absmax, self.code, self.shape, self.strides = packed, absmax, code, shape, strides
+
+    def stride(self, i):
+        return self.strides[i]
+
+
+class NF4Operand:
+    """A 4-bit weight W (N×K) as the kernels' B operand: .t() for x·Wᵀ (forward), .plain() for dy·W (dx)."""
+
+    def __init__(self, packed, absmax, code, N, K):
+        self.packed, self.absmax, self.code, self.shape = packed, absmax, code, (N, K)
+
+    def t(self):
+        N, K = self.shape
+        return NF4B(self.packed, self.absmax, self.code, (K, N), (1, K))
+
+    def plain(self):
+        N, K = self.shape
+        return NF4B(self.packed, self.absmax, self.code, (N, K), (K, 1))
+
+
 def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None, dropout=None, multi=None,
                  allow_tf32=False):
     """out (M×N) = a (M×K) · b (K×N) + (s·low_l) (M×R) · low_r (R×N) + bias; b and low_r may be strided views.
 
-    With multi, low_r is (slots, R, N) and low_l holds rows in the slot-sorted order of multi.perm."""
+    With multi, low_r is (slots, R, N) and low_l holds rows in the slot-sorted order of multi.perm.
+    b may be an NF4B (a 4-bit weight dequantised inside the main loop)."""
     M, K = a.shape
     N = b.shape[1]
+    nf4 = isinstance(b, NF4B)
+    b_ptr, absmax, code = (b.packed, b.absmax, b.code) if nf4 else (b, a, a)
     R = low_l.shape[1]
     dropout = dropout or Dropout(None, 0.0)
     if multi is not None:
@@ -290,14 +330,14 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
     else:
         s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, a)
         perm, slots, rs, r2 = a, a, 0, low_r
-    args = (a, b, out, low_l, low_r, bias if bias is not None else a, s_ptr,
-            dropout.seed if dropout.on else a, perm, slots,
+    args = (a, b_ptr, out, low_l, low_r, bias if bias is not None else a, s_ptr,
+            dropout.seed if dropout.on else a, perm, slots, absmax, code,
             M, N, K, R, configs.m_bucket(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             low_l.stride(0), low_l.stride(1), r2.stride(0), r2.stride(1), rs,
             s, dropout.threshold, dropout.keep_scale)
     flags = dict(HAS_BIAS=bias is not None, SCALE_FROM_PTR=s_from_ptr, LOWRANK_DROPOUT=dropout.on,
-                 MULTI=multi is not None, DOT_PRECISION=_precision(a.dtype, allow_tf32), BLOCK_R=_block_r(R))
+                 MULTI=multi is not None, NF4=nf4, DOT_PRECISION=_precision(a.dtype, allow_tf32), BLOCK_R=_block_r(R))
     if M == 0 or N == 0:
         return out
     if configs.interpreting():
@@ -400,6 +440,7 @@ def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, scaling_t, dropout_p,
     dx = None
     if need_dx:
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
-        gemm_lowrank(dy, weight, g, lora_A, dx, dropout=drop, allow_tf32=allow_tf32)
+        w_op = weight.plain() if isinstance(weight, NF4Operand) else weight
+        gemm_lowrank(dy, w_op, g, lora_A, dx, dropout=drop, allow_tf32=allow_tf32)
     return (dx, dA_t.t().contiguous().to(lora_A.dtype), dB.to(lora_B.dtype),
             None if dbias is None else dbias.to(dy.dtype))

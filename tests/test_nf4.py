@@ -1,0 +1,113 @@
+"""NF4: code table, quantise/dequantise round trip, the fused 4-bit LoRA op against the dequantised-W oracle."""
+import os
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import nf4, reference
+from helpers import _run
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch"] + (["triton"] if INTERP else [])
+
+
+def test_code_tables():
+    c = nf4.NF4_CODE
+    assert c.numel() == 16 and c[0] == -1 and c[7] == 0 and c[-1] == 1 and (c[1:] > c[:-1]).all()
+    d = nf4.dynamic_map()
+    assert d.numel() == 256 and d.min() < -0.99
+    assert (d[1:] >= d[:-1]).all() and d.max() == 1.0 and (d == 0).any()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [(64, 64), (33, 70), (1, 2)])
+def test_round_trip_is_nearest_code(double_quant, shape):
+    w = torch.randn(shape)
+    q = nf4.quantize_nf4(w, double_quant=double_quant)
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (w.numel() // 2, 1)
+    deq = nf4.dequantize_nf4(q, torch.float32)
+    true_absmax = torch.nn.functional.pad(w.reshape(-1), (0, (-w.numel()) % 64)).view(-1, 64).abs().amax(1)
+    decoded = q.block_absmax()
+    # the stored absmax decodes close to the true one (exactly without double quantisation)
+    assert ((decoded - true_absmax).abs() <= (0.0 if not double_quant else 0.02) * true_absmax.max()).all()
+    # every element's code is the nearest NF4 point to w / absmax (the quantiser used the true absmax)
+    scale = true_absmax.repeat_interleave(64)[: w.numel()].reshape(shape)
+    grid = nf4.NF4_CODE[None, None, :] * scale[..., None]
+    nearest_code = (grid - w[..., None]).abs().argmin(-1)
+    p = q.packed.reshape(-1)
+    codes = torch.stack([p >> 4, p & 15], 1).reshape(-1)[: w.numel()].reshape(shape).long()
+    assert torch.equal(codes, nearest_code)
+    # and dequantisation is code × decoded absmax
+    torch.testing.assert_close(deq, nf4.NF4_CODE[codes] * decoded.repeat_interleave(64)[: w.numel()].reshape(shape))
+
+
+def test_memory_per_parameter():
+    q = nf4.quantize_nf4(torch.randn(1024, 1024))
+    assert 0.5 < q.nbytes() / (1024 * 1024) < 0.52               # 4 bits + double-quantised absmax
+    q1 = nf4.quantize_nf4(torch.randn(1024, 1024), double_quant=False)
+    assert abs(q1.nbytes() / (1024 * 1024) - 0.5625) < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64, 32, 4), (17, 96, 40, 8), (5, 70, 33, 3)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fused_4bit_op_oracle(backend, dtype, shape, p):
+    M, K, N, r = shape
+    q = nf4.quantize_nf4(torch.randn(N, K) / K**0.5)
+    w = nf4.dequantize_nf4(q, dtype)                 # the oracle's W: the dequantised weight
+    x = torch.randn(M, K).to(dtype)
+    a = (torch.randn(r, K) / K**0.5)
+    b = torch.randn(N, r) / r**0.5
+    bias = torch.randn(N).to(dtype)
+    torch.manual_seed(9)
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else None
+
+    def fused(xx, ww, aa, bb, bi):
+        torch.manual_seed(9)
+        return nf4.lora4_linear(xx, q, aa, bb, 0.5, bi, dropout_p=p, backend=backend)
+
+    def composite(xx, ww, aa, bb, bi):
+        return reference.lora_linear(xx, ww, aa, bb, 0.5, bi, dropout_p=p, seed=seed)
+
+    dy = torch.randn(M, N, dtype=torch.float64)
+    got = _run(fused, x, w, a, b, bias, dy)
+    comp = _run(composite, x, w, a, b, bias, dy)
+    exact = _run(composite, x, w, a, b, bias, dy, upcast=torch.float64)
+    for name, g_, c_, e_ in zip(["y", "dx", "dA", "dB", "dbias"], got, comp, exact):
+        err = (g_.double() - e_).norm().item()
+        tol = 2 * (c_.double() - e_).norm().item() + 1e-6 * max(e_.numel() ** 0.5, e_.norm().item())
+        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+
+
+def test_module_4bit_trains_and_reports_size():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    m = nf4.FusedLoRALinear4bit.from_linear(lin, r=4, lora_alpha=8, backend="torch")
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, nf4.dequantize_nf4(m.qweight, torch.float32), lin.bias)
+    torch.testing.assert_close(m(x), base)                       # B = 0 at init
+    m(x).sum().backward()
+    assert m.lora_B.grad is not None and torch.count_nonzero(m.lora_B.grad) > 0
+    assert "bytes/param" in repr(m)
+    with pytest.raises(NotImplementedError, match="re-quantise"):
+        m.merge()
+
+
+def test_opcheck_4bit_ops():
+    q = nf4.quantize_nf4(torch.randn(20, 32))
+    x = torch.randn(3, 32, requires_grad=True)
+    a = torch.randn(2, 32, requires_grad=True)
+    b = torch.randn(20, 2, requires_grad=True)
+    args = (x, q.packed.reshape(-1), q.block_absmax(), 20, 32, a, b, None, 0.5, None, 0.0, None, "torch")
+    torch.library.opcheck(nf4.lora4_fwd, args)
+
+
+def test_compile_fullgraph_4bit_module():
+    torch._dynamo.reset()
+    m = nf4.FusedLoRALinear4bit.from_linear(torch.nn.Linear(32, 16), r=2, backend="torch")
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="aot_eager")(x), m(x))
