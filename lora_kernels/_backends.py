@@ -75,40 +75,30 @@ def _require(name: str, t: torch.Tensor):
                                "(install with nvcc and a CUDA build of torch)")
 
 
-def resolve(backend: str, t: torch.Tensor) -> str:
-    """The backend that serves the fused linear for tensors like t."""
+def resolve(backend: str, t: torch.Tensor, prefer=("triton", "cuda"), what: str = "fused linear") -> str:
+    """The backend that serves `what` for tensors like t: the first available of `prefer` on CUDA tensors,
+    the torch reference otherwise. The first choice per device and op family is logged once."""
     _check_name(backend)
     if backend != "auto":
         _require(backend, t)
         return backend
     if not t.is_cuda or t.dtype == torch.float64:
-        _once(("torch", t.device.type), f"lora_kernels: {t.device.type} tensors -> torch reference backend")
+        _once(("torch", what, t.device.type), f"lora_kernels: {what} on {t.device.type} tensors -> torch reference")
         return "torch"
-    if triton_available():
-        _once(("triton", str(t.device)), f"lora_kernels: {t.device} -> triton backend (fused kernels)")
-        return "triton"
-    if cuda_ext_available():
-        _once(("cuda", str(t.device)), f"lora_kernels: {t.device} -> cuda backend (triton unavailable)")
-        return "cuda"
-    _once(("slow", str(t.device)), f"lora_kernels: neither triton nor the CUDA extension is available on "
-          f"{t.device}; running the unfused torch reference (slow)", warn=True)
+    available = {"triton": triton_available, "cuda": cuda_ext_available}
+    for name in prefer:
+        if available[name]():
+            why = "preferred" if name == prefer[0] else f"{prefer[0]} unavailable"
+            _once((name, what, str(t.device)), f"lora_kernels: {what} on {t.device} -> {name} backend ({why})")
+            return name
+    _once(("slow", what, str(t.device)), f"lora_kernels: neither triton nor the CUDA extension is available on "
+          f"{t.device}; {what} runs the unfused torch reference (slow)", warn=True)
     return "torch"
 
 
 def resolve_merge(backend: str, w: torch.Tensor) -> str:
     """Merge prefers the CUDA extension (one pass at memory bandwidth), then Triton."""
-    _check_name(backend)
-    if backend != "auto":
-        _require(backend, w)
-        return backend
-    if not w.is_cuda or w.dtype == torch.float64:
-        return "torch"
-    if cuda_ext_available():
-        return "cuda"
-    if triton_available():
-        return "triton"
-    _once(("slow-merge", str(w.device)), "lora_kernels: no GPU merge kernel available; using torch", warn=True)
-    return "torch"
+    return resolve(backend, w, prefer=("cuda", "triton"), what="merge")
 
 
 def module(name: str):
