@@ -2,8 +2,8 @@
 
 peft models: each peft LoRA `Linear` keeps its class, parameters, state_dict keys and save_pretrained
 output; only its instance `forward` is replaced. Layers the fused op can't serve (DoRA and other
-variants, several active adapters, lora_bias, fan_in_fan_out, non-Linear bases, a trainable base
-weight) keep peft's forward, and one log line lists them with the reason.
+variants, several active adapters, lora_bias, fan_in_fan_out, bases other than nn.Linear or a bitsandbytes
+NF4 Linear4bit, a trainable base weight) keep peft's forward, and one log line lists them with the reason.
 
 Plain models: `patch(model, target_modules=[...], r=..., lora_alpha=...)` wraps the nn.Linear layers
 whose names end in one of target_modules into FusedLoRALinear (sharing their weight tensors).
@@ -18,19 +18,38 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import nf4, ops
 from .modules import FusedLoRALinear
+from .nf4 import lora4_linear
 
 log = logging.getLogger("lora_kernels")
 _MARK = "_lora_kernels_patched"
 
 
-def _peft_linear_cls():
+def _peft_linear_classes():
+    """peft's LoRA Linear, and its bitsandbytes 4-bit variant where peft ships one."""
+    classes = []
     try:
         from peft.tuners.lora.layer import Linear
-        return Linear
+        classes.append(Linear)
     except Exception:  # noqa: BLE001 - peft is optional
-        return None
+        return ()
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+        classes.append(Linear4bit)
+    except Exception:  # noqa: BLE001 - bitsandbytes is optional
+        pass
+    return tuple(classes)
+
+
+def _base_kind(base) -> Optional[str]:
+    """"linear" for nn.Linear, "nf4" for a bitsandbytes NF4 Linear4bit, None for anything else."""
+    if type(base) is nn.Linear:
+        return "linear"
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    if type(base).__name__ == "Linear4bit" and qs is not None and getattr(qs, "quant_type", None) == "nf4":
+        return "nf4"
+    return None
 
 
 def _why_not_fusable(m) -> Optional[str]:
@@ -48,8 +67,8 @@ def _why_not_fusable(m) -> Optional[str]:
     if getattr(m, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     base = m.get_base_layer()
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if _base_kind(base) is None:
+        return f"base layer is {type(base).__name__}, not nn.Linear or an NF4 Linear4bit"
     if base.weight.requires_grad:
         return "base weight is trainable"
     if not isinstance(m.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -67,6 +86,13 @@ def _fused_peft_forward(self, x, *args, **kwargs):
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     weight, bias = base.weight, base.bias
+    if _base_kind(base) == "nf4":
+        # bitsandbytes' storage used as it is: codes and quant state are read, never copied or dequantised.
+        dt = getattr(base, "compute_dtype", None) or x.dtype
+        y = lora4_linear(x.to(dt), nf4.from_bnb(weight), self.lora_A[name].weight, self.lora_B[name].weight,
+                         self.scaling[name], bias.to(dt) if bias is not None else None, dropout_p=p,
+                         backend=getattr(self, _MARK))
+        return y.to(x.dtype)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # What autocast does for F.linear: compute in the autocast dtype.
@@ -87,10 +113,10 @@ def _fused_peft_forward(self, x, *args, **kwargs):
 def patch(model: nn.Module, backend: str = "auto", *, target_modules: Optional[Iterable[str]] = None,
           r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
     """Accelerate `model` in place and return it. See the module docstring for what is served."""
-    peft_linear = _peft_linear_cls()
+    peft_classes = _peft_linear_classes()
     fused, kept = 0, Counter()
     for _, m in model.named_modules():
-        if peft_linear is not None and type(m) is peft_linear:
+        if type(m) in peft_classes:
             reason = _why_not_fusable(m)
             if reason is not None:
                 kept[reason] += 1

@@ -111,3 +111,64 @@ def test_compile_fullgraph_4bit_module():
     torch.nn.init.normal_(m.lora_B)
     x = torch.randn(4, 32)
     torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="aot_eager")(x), m(x))
+
+
+bnb = None
+try:  # bitsandbytes is optional: interop tests only
+    import bitsandbytes as bnb  # noqa: F811
+except Exception:  # noqa: BLE001
+    pass
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed")
+
+
+@needs_bnb
+def test_quantisation_is_bit_identical_to_bitsandbytes():
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    w = torch.randn(96, 160)
+    packed, state = quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = nf4.quantize_nf4(w)
+    assert torch.equal(ours.packed, packed) and torch.equal(ours.absmax, state.absmax)
+    torch.testing.assert_close(ours.code2, state.state2.code)
+    param = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64).to("cpu")
+    view = nf4.from_bnb(param)
+    assert view.packed.data_ptr() == param.data.data_ptr()      # used as is, not copied
+    # bitsandbytes' own CPU dequantisation is not used as the oracle: on this shape (240 blocks) it returns
+    # values up to 2.2 away from w even though its stored codes equal ours bit for bit.
+    torch.testing.assert_close(nf4.dequantize_nf4(view, torch.float32), nf4.dequantize_nf4(ours, torch.float32))
+    small = torch.randn(64, 128)                                # a shape where it agrees
+    p2, s2 = quantize_4bit(small, blocksize=64, compress_statistics=True, quant_type="nf4")
+    torch.testing.assert_close(nf4.dequantize_nf4(nf4.quantize_nf4(small), torch.float32), dequantize_4bit(p2, s2))
+
+
+@needs_bnb
+def test_patch_peft_lora_over_bnb_linear4bit():
+    peft = pytest.importorskip("peft")
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(128, 64, bias=True, quant_type="nf4", compress_statistics=True,
+                                          compute_dtype=torch.float32)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    def build():
+        torch.manual_seed(0)
+        h = Holder()
+        h.proj.weight = bnb.nn.Params4bit(torch.randn(64, 128) / 11, requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True, blocksize=64)
+        h = h.to("cpu")
+        return peft.get_peft_model(h, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                      init_lora_weights=False))
+    ref, mine = build(), build()
+    lk.patch(mine, backend="torch")
+    assert hasattr(mine.base_model.model.proj, "_lora_kernels_patched")
+    x = torch.randn(5, 128)
+    y_ref, y = ref(x), mine(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    for (n, p1), (_, p2) in zip(ref.named_parameters(), mine.named_parameters()):
+        if p1.requires_grad:
+            torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-5, msg=n)
