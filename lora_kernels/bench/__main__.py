@@ -22,9 +22,9 @@ def _progress(jobs):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_kernels.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a short run over fewer shapes and ranks")
-    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge", "multi"],
-                    choices=["forward", "train", "merge", "multi", "e2e"],
-                    help="train = fwd+bwd with x needing grad, W frozen; multi = mixed-adapter batches; "
+    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge", "multi", "nf4"],
+                    choices=["forward", "train", "merge", "multi", "nf4", "e2e"],
+                    help="train = fwd+bwd with x needing grad, W frozen; multi = mixed-adapter batches; nf4 = 4-bit base; "
                          "e2e = a ~1B Llama fine-tune step (needs peft and transformers)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--out", default="bench/results", help="folder for the .jsonl/.md/.png results")
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     if "multi" in args.modes:
         from . import multi
         rows += [dict(r, **meta) for r in multi.run(log=print)]
+    if "nf4" in args.modes:
+        from . import nf4_bench
+        rows += [dict(r, **meta) for r in nf4_bench.run(log=print)]
     curves = None
     if "e2e" in args.modes:
         from . import e2e

@@ -24,7 +24,7 @@ def markdown(rows, meta) -> str:
     present = [p for p in order if any(r["provider"] == p for r in rows)]
     groups = OrderedDict()
     for r in rows:
-        if r["mode"] in ("multi", "e2e"):
+        if r["mode"] in ("multi", "e2e", "nf4"):
             continue
         groups.setdefault((r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"]), {})[r["provider"]] = r
     out = [f"GPU {meta['gpu']} · torch {meta['torch']} · triton {meta['triton']} · git {meta['sha']} · "
@@ -58,6 +58,13 @@ def markdown(rows, meta) -> str:
         for r in multi:
             v = f"{r['ratio_vs_one_adapter']:.3f}" if r.get("ratio_vs_one_adapter") else "–"
             out.append(f"| {r['M']} | {r['adapters']} | {r['provider']} | {r['p50_ms']:.4f} | {r['ratio']:.3f} | {v} |")
+    q4 = [r for r in rows if r["mode"] == "nf4"]
+    if q4:
+        out += ["", "4-bit NF4 base (bf16 activations): time / bf16 cuBLAS x@Wᵀ of the same shape.", "",
+                "| M×K×N | provider | ms | ratio | weight bytes/param |", "|---|---|---|---|---|"]
+        for r in q4:
+            out.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['provider']} | {r['p50_ms']:.4f} | {r['ratio']:.3f} | "
+                       f"{r['weight_bytes_per_param']:.3f} |")
     e2e = [r for r in rows if r["mode"] == "e2e"]
     if e2e:
         out += ["", "End-to-end LoRA fine-tune step (TinyLlama shape, bf16, batch 2×2048, r=16, dropout 0.05, AdamW): "

@@ -1,0 +1,55 @@
+"""4-bit (NF4) base: our fused 4-bit LoRA forward vs the bf16 cuBLAS GEMM, and vs peft LoRA over a
+bitsandbytes Linear4bit where bitsandbytes is installed."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from triton.testing import do_bench
+
+from lora_kernels import nf4
+from . import providers as P
+
+SHAPES = [(4096, 4096), (4096, 14336)]
+MS = [1, 8192]
+
+
+def _bnb_peft(weight, r):
+    try:
+        import bitsandbytes as bnb
+        import peft
+    except Exception:  # noqa: BLE001
+        return None
+    N, K = weight.shape
+    holder = P._Holder(bnb.nn.Linear4bit(K, N, bias=False, quant_type="nf4", compress_statistics=True,
+                                         compute_dtype=torch.bfloat16))
+    holder.proj.weight = bnb.nn.Params4bit(weight.float().cpu(), requires_grad=False, quant_type="nf4",
+                                           compress_statistics=True, blocksize=64)
+    holder = holder.to("cuda")
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    return model.base_model.model.proj.to(torch.bfloat16).eval()
+
+
+def run(r=16, log=print):
+    rows = []
+    for K, N in SHAPES:
+        w = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+        layer = nf4.FusedLoRALinear4bit.from_linear(nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16),
+                                                    r=r, lora_alpha=2 * r, backend="triton")
+        nn.init.normal_(layer.lora_B, std=0.02)
+        bnb_layer = _bnb_peft(w, r)
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            fns = {"base": lambda: x @ w.t(), "triton": lambda: layer(x)}
+            if bnb_layer is not None:
+                fns["bnb_peft"] = lambda: bnb_layer(x)
+            base_ms = None
+            for name, fn in fns.items():
+                with torch.no_grad():
+                    fn()
+                    p20, p50, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+                base_ms = base_ms or p50
+                rows.append(dict(op="lora4_linear", provider=name, mode="nf4", M=M, K=K, N=N, r=r, dtype="bfloat16",
+                                 dropout=0.0, p20_ms=p20, p50_ms=p50, p80_ms=p80, act_mib=None, timing="events",
+                                 ratio=p50 / base_ms, weight_bytes_per_param=layer.qweight.nbytes() / (N * K)))
+                log(f"  nf4 M={M:5d} {K}x{N} {name:9s} {p50:.4f} ms ratio to bf16 cuBLAS {p50 / base_ms:.3f}")
+    return rows
