@@ -6,6 +6,7 @@ from .ops import lora_linear, merge_, unmerge_  # noqa: F401
 from .patch import patch, unpatch  # noqa: F401
 from .multi import LoRAAdapterBank, multi_lora_linear  # noqa: F401
 from .nf4 import FusedLoRALinear4bit, lora4_linear  # noqa: F401
+from . import io, nf4  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["FusedLoRALinear", "lora_linear", "merge_", "unmerge_", "reference",
