@@ -3,7 +3,11 @@
 // "cuda" backend; C++ users call them through the dispatcher (see examples/ in CMakeLists.txt).
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include "checks.h"
+#include "hash.h"
 #include "ops.h"
 
 namespace lora_kernels {
@@ -48,30 +52,58 @@ void merge_weight_cpu(at::Tensor weight, const at::Tensor& lora_A, const at::Ten
   weight.copy_(result);
 }
 
+// out = x·keep/(1-p), the mask from (seed, row, col); x is 2-D.
+at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor, got ", x.sizes());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p: expected a value in [0, 1), got ", p);
+  const int64_t s = seed.item<int64_t>();
+  const uint32_t threshold = dropout_threshold(p);
+  at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kBool));
+  bool* kp = keep.data_ptr<bool>();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cols; ++c) kp[r * cols + c] = dropout_keep(s, r, c, threshold);
+  });
+  return at::where(keep, x * dropout_scale(p), at::zeros({}, x.options()));  // scaled as torch scales by a float
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool need_dx, bool need_dbias) {
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, bool need_dx, bool need_dbias, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
   check_linear(x, weight, lora_A, lora_B, c10::nullopt);
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == weight.size(0), "dy: expected shape (",
               x.size(0), ", ", weight.size(0), "), got ", dy.sizes());
   const auto dt = x.scalar_type();
   at::Tensor A = lora_A.to(dt), B = lora_B.to(dt);
   at::Tensor g = at::mm(dy, B).mul_(scaling);  // s·dy·B
-  at::Tensor dA = at::mm(g.t(), x).to(lora_A.scalar_type());
+  at::Tensor dA = at::mm(g.t(), apply_dropout(x, dropout_p, seed)).to(lora_A.scalar_type());
   at::Tensor dB = at::mm(dy.t(), xa.to(dt)).mul_(scaling).to(lora_B.scalar_type());
-  at::Tensor dx = need_dx ? at::addmm(at::mm(dy, weight), g, A) : dy.new_empty({0});
+  // The LoRA part of dx carries the same mask and 1/(1-p) as the forward's dropout(x).
+  at::Tensor dx = need_dx ? at::mm(dy, weight).add_(apply_dropout(at::mm(g, A), dropout_p, seed)) : dy.new_empty({0});
   at::Tensor dbias = need_dbias ? dy.sum(0) : dy.new_empty({0});
   return {dx, dA, dB, dbias};
 }
 
 }  // namespace
 
+at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::Tensor>& seed) {
+  if (p == 0.0 || !seed.has_value()) return x;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_kernels::dropout", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, *seed, p);
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x, const at::Tensor& weight,
                                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                            const c10::optional<at::Tensor>& bias, double scaling) {
+                                                            const c10::optional<at::Tensor>& bias, double scaling,
+                                                            double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_linear(x, weight, lora_A, lora_B, bias);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ", dropout_p);
   const auto dt = x.scalar_type();
-  at::Tensor xa = at::mm(x, lora_A.to(dt).t());
+  at::Tensor xa = at::mm(apply_dropout(x, dropout_p, seed), lora_A.to(dt).t());
   at::Tensor y = bias.has_value() ? at::addmm(bias->to(dt), x, weight.t()) : at::mm(x, weight.t());
   y.addmm_(xa, lora_B.to(dt).t(), /*beta=*/1.0, /*alpha=*/scaling);
   return {y, xa.to(acc_type(dt))};
@@ -81,16 +113,19 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x,
 
 TORCH_LIBRARY(lora_kernels, m) {
   m.def("merge_weight_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, bool unmerge) -> ()");
-  m.def("linear_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling)"
-        " -> (Tensor, Tensor)");
+  m.def("linear_forward(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling,"
+        " float dropout_p=0.0, Tensor? seed=None) -> (Tensor, Tensor)");
   m.def("linear_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa,"
-        " float scaling, bool need_dx, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+        " float scaling, bool need_dx, bool need_dbias, float dropout_p=0.0, Tensor? seed=None)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("merge_weight_", &lora_kernels::merge_weight_cpu);
   m.impl("linear_forward", &lora_kernels::linear_forward_composite);
   m.impl("linear_backward", &lora_kernels::linear_backward);
+  m.impl("dropout", &lora_kernels::dropout_cpu);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA

@@ -5,10 +5,15 @@
 
 namespace lora_kernels {
 
-// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias and xa = x·Aᵀ (float32), composed from ATen GEMMs (cuBLAS on CUDA).
+// y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + bias and xa = dropout(x)·Aᵀ (float32), composed from ATen GEMMs
+// (cuBLAS on CUDA). The dropout mask comes from (seed, row, col) through hash.h.
 std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x, const at::Tensor& weight,
                                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                            const c10::optional<at::Tensor>& bias, double scaling);
+                                                            const c10::optional<at::Tensor>& bias, double scaling,
+                                                            double dropout_p, const c10::optional<at::Tensor>& seed);
+
+// dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).
+at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::Tensor>& seed);
 
 // Largest M served by the CUDA decode kernel (one pass over W for all rows).
 constexpr int64_t kDecodeMaxRows = 16;

@@ -2,7 +2,8 @@
 
 What runs where: merge_/unmerge_ are CUDA kernels at memory bandwidth; the forward for M <= 16 is
 a CUDA decode kernel that reads W once; larger M and the backward compose cuBLAS GEMMs in C++
-(no fused large-M CUDA kernel yet; the Triton backend has one). Dropout is not implemented here.
+(no fused large-M CUDA kernel yet; the Triton backend has one). Dropout uses the shared (seed, row, col)
+mask through a CUDA kernel; it materialises dropout(x) for the x·Aᵀ product (transient, never saved).
 """
 from __future__ import annotations
 
@@ -18,22 +19,14 @@ def _scaling(scaling, scaling_t):
     return float(scaling_t) if scaling_t is not None else float(scaling)
 
 
-def _no_dropout(dropout_p, seed):
-    if dropout_p > 0.0 and seed is not None:
-        raise NotImplementedError("backend='cuda': dropout on the LoRA branch is not implemented in the CUDA "
-                                  "kernels yet; use backend='triton' (or 'auto') for training with dropout")
-
-
 def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, allow_tf32=False):
-    _no_dropout(dropout_p, seed)
-    return _ops.linear_forward(x2d, weight, lora_A, lora_B, bias, _scaling(scaling, scaling_t))
+    return _ops.linear_forward(x2d, weight, lora_A, lora_B, bias, _scaling(scaling, scaling_t), dropout_p, seed)
 
 
 def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx, need_dbias,
              allow_tf32=False):
-    _no_dropout(dropout_p, seed)
     dx, dA, dB, dbias = _ops.linear_backward(dy, x2d, weight, lora_A, lora_B, xa, _scaling(scaling, scaling_t),
-                                             need_dx, need_dbias)
+                                             need_dx, need_dbias, dropout_p, seed)
     return (dx if need_dx else None, dA, dB, dbias if need_dbias else None)
 
 

@@ -6,6 +6,8 @@ exactly the same mask in registers and no backend ever stores it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -34,7 +36,7 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 def dropout_threshold(p: float) -> int:
     """An element is kept when its 24-bit hash is >= this threshold."""
-    return int(round(p * (1 << DROPOUT_BITS)))
+    return int(math.floor(p * (1 << DROPOUT_BITS) + 0.5))  # round half up, as the C++ kernels do
 
 
 def dropout_scale(p: float) -> float:

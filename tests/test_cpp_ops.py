@@ -70,3 +70,26 @@ def test_cmake_build_and_cpp_example(tmp_path):
                            sys.executable, "-DLORA_KERNELS_CUDA=OFF"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all checks passed" in proc.stdout
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_op_matches_reference_mask(dtype):
+    x = torch.randn(37, 70).to(dtype)
+    seed = torch.tensor(123456789)
+    got = torch.ops.lora_kernels.dropout(x, seed, 0.3)
+    assert torch.equal(got, reference.apply_dropout(x, 0.3, seed))
+
+
+@needs_ext
+def test_cpu_linear_ops_with_dropout_match_reference():
+    x, w, a, b, bias = make_inputs(19, 70, 45, 8, torch.float32)
+    seed = torch.tensor(42)
+    y, xa = torch.ops.lora_kernels.linear_forward(x, w, a, b, bias, 0.5, 0.2, seed)
+    y_r, xa_r = reference.lora_forward(x, w, a, b, bias, 0.5, None, 0.2, seed)
+    torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(19, 45)
+    got = torch.ops.lora_kernels.linear_backward(dy, x, w, a, b, xa, 0.5, True, True, 0.2, seed)
+    ref = reference.lora_backward(dy, x, w, a, b, xa_r, 0.5, None, 0.2, seed, True, True)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

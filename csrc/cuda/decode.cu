@@ -59,10 +59,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
 std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                       const c10::optional<at::Tensor>& bias, double scaling) {
+                                                       const c10::optional<at::Tensor>& bias, double scaling,
+                                                       double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_linear(x, weight, lora_A, lora_B, bias);
-  if (x.size(0) > kDecodeMaxRows || x.size(0) == 0 || x.scalar_type() == at::kDouble)
-    return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling);
+  if (x.size(0) > kDecodeMaxRows || x.size(0) == 0 || x.scalar_type() == at::kDouble || dropout_p > 0.0)
+    return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor xa = at::mm(xc, lora_A.to(x.scalar_type()).t()).to(at::kFloat);

@@ -23,8 +23,8 @@ static bool run_on(const at::Device& dev) {
                  .findSchemaOrThrow("lora_kernels::linear_forward", "")
                  .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                           const at::Tensor&, const std::optional<at::Tensor>&,
-                                                          double)>();
-  auto [y, xa] = fwd.call(x, w, A, B, bias, s);
+                                                          double, double, const std::optional<at::Tensor>&)>();
+  auto [y, xa] = fwd.call(x, w, A, B, bias, s, 0.0, std::nullopt);
   at::Tensor expect = at::addmm(bias, x, w.t()) + s * at::mm(at::mm(x, A.t()), B.t());
   bool ok = check("linear_forward vs ATen", (y - expect).abs().max().item<double>(), 1e-4);
 

@@ -1,0 +1,35 @@
+// The dropout mask as a pure function of (seed, row, col): the same lowbias32 hash as
+// lora_kernels/reference.py and lora_kernels/triton/dropout.py, so every backend drops the same elements.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LK_HOST_DEVICE __host__ __device__
+#else
+#define LK_HOST_DEVICE
+#endif
+
+namespace lora_kernels {
+
+LK_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// Kept when the top 24 bits of the hash reach the threshold round(p·2^24).
+LK_HOST_DEVICE inline bool dropout_keep(int64_t seed, int64_t row, int64_t col, uint32_t threshold) {
+  const uint32_t s = static_cast<uint32_t>(seed & 0x7FFFFFFF);
+  const uint32_t h = hash32(hash32(static_cast<uint32_t>(row) ^ s) ^ static_cast<uint32_t>(col));
+  return (h >> 8) >= threshold;
+}
+
+inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(p * 16777216.0 + 0.5); }
+
+inline double dropout_scale(double p) {
+  return 16777216.0 / (16777216.0 - static_cast<double>(dropout_threshold(p)));
+}
+
+}  // namespace lora_kernels
