@@ -45,13 +45,19 @@ def test_triton_interpreter_property(data):
     _run(_case(data.draw, [torch.float32, torch.float16], 48), "triton")
 
 
+def _gpu_backends():
+    import lora_kernels as lk
+    return ["triton"] + (["cuda"] if lk.cuda_ext_available() else [])
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 @settings(max_examples=200, **SETTINGS)
 @given(st.data())
-def test_triton_gpu_property(data):
+def test_gpu_property(backend, data):
     c = _case(data.draw, [torch.float32, torch.bfloat16, torch.float16], 300)
     assume(min(c["M"] * (3 if c["layout"] == "3d" else 1), c["N"], c["K"]) * c["r"] >= 8)
     inputs = make_inputs(c["M"], c["K"], c["N"], c["r"], c["dtype"], bias=c["bias"], device="cuda",
                          noncontig=c["layout"] == "noncontig", x_3d=c["layout"] == "3d",
                          adapter_dtype=torch.float32 if c["fp32_adapters"] else None)
-    oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend="triton")
+    oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend=backend)
