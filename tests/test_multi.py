@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels import reference
 from lora_kernels.multi import multi_lora_fwd
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"

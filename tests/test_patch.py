@@ -1,7 +1,6 @@
 """patch(): a peft model (small random Llama, nothing downloaded) keeps its outputs, gradients, parameters
 and saved files, and gains the fused forward."""
 import hashlib
-import os
 
 import pytest
 import torch
