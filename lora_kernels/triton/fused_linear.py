@@ -81,8 +81,32 @@ def _gemm_lowrank_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + src[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    # The low-rank term goes first: the accumulator then holds nothing else, so the dropout mask can be
+    # applied in place (one accumulator: no second BLOCK_M×BLOCK_N tile of registers, no spills).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     DT: tl.constexpr = a_ptr.dtype.element_ty
+    if MULTI:
+        slot = tl.where(offs_m < M, tl.load(slot_ptr + rm), -1)
+        cur = _next_slot(slot, -1)
+        last = tl.max(slot, axis=0)
+        while cur <= last:
+            row_scale = tl.where(slot == cur, tl.load(scale_ptr + cur).to(tl.float32), 0.0)
+            acc = _lowrank_dot(acc, l_ptr, r_ptr + cur.to(tl.int64) * stride_rs, rm, rn, R, stride_lm, stride_lr,
+                               stride_rr, stride_rn, row_scale, DT, BLOCK_R, DOT_PRECISION)
+            cur = _next_slot(slot, cur)
+    else:
+        if SCALE_FROM_PTR:
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = scale
+        row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * s
+        acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn, row_scale,
+                           DT, BLOCK_R, DOT_PRECISION)
+        if LOWRANK_DROPOUT:
+            # acc holds only the low-rank term here, so the mask touches nothing else
+            keep = keep_mask(load_seed(seed_ptr), offs_m, offs_n, threshold)
+            acc = tl.where(keep, acc * keep_scale, 0.0)
+
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -101,30 +125,6 @@ def _gemm_lowrank_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-
-    if MULTI:
-        slot = tl.where(offs_m < M, tl.load(slot_ptr + rm), -1)
-        cur = _next_slot(slot, -1)
-        last = tl.max(slot, axis=0)
-        while cur <= last:
-            row_scale = tl.where(slot == cur, tl.load(scale_ptr + cur).to(tl.float32), 0.0)
-            acc = _lowrank_dot(acc, l_ptr, r_ptr + cur.to(tl.int64) * stride_rs, rm, rn, R, stride_lm, stride_lr,
-                               stride_rr, stride_rn, row_scale, DT, BLOCK_R, DOT_PRECISION)
-            cur = _next_slot(slot, cur)
-    else:
-        if SCALE_FROM_PTR:
-            s = tl.load(scale_ptr).to(tl.float32)
-        else:
-            s = scale
-        row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * s
-        if LOWRANK_DROPOUT:
-            low = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, r_ptr, rm, rn, R, stride_lm,
-                               stride_lr, stride_rr, stride_rn, row_scale, DT, BLOCK_R, DOT_PRECISION)
-            keep = keep_mask(load_seed(seed_ptr), offs_m, offs_n, threshold)
-            acc += tl.where(keep, low * keep_scale, 0.0)
-        else:
-            acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn, row_scale,
-                               DT, BLOCK_R, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]

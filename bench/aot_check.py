@@ -1,0 +1,155 @@
+"""Compile every Triton kernel variant for Hopper (sm_90a) without a GPU and report what the compiler made:
+whether the GEMMs use wgmma (Hopper tensor cores), registers per thread and spills (ptxas -v).
+
+    python bench/aot_check.py [--json out.json]     (exit code 1 if any variant fails to compile)
+
+Runs anywhere triton is installed: compilation needs no device. TRITON_INTERPRET must be unset.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lora_kernels.triton import fused_linear as fl  # noqa: E402
+from lora_kernels.triton import merge as mg  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_ARGS = {"scale", "keep_scale"}
+
+
+# What the JIT specialises at run time on typical shapes: integer arguments equal to 1 become constants
+# (unit strides), pointers and integers divisible by 16 carry that fact. Compiling without it would hide the
+# vectorised, pipelined loads the kernels really get.
+UNIT = {"stride_ak", "stride_bk", "stride_cn", "stride_lr", "stride_rr", "stride_xk", "stride_or", "stride_xc",
+        "stride_sr", "stride_oc"}
+ODD = {"R", "threshold", "M_BUCKET", "stride_an", "stride_bn_merge"}
+
+
+def _specialise(fn, consts, odd=()):
+    consts = dict(consts)
+    attrs = {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            continue
+        if p.name in UNIT and p.name not in odd:
+            consts[p.name] = 1
+        elif p.name not in FLOAT_ARGS and p.name not in ODD and p.name not in odd:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return consts, attrs
+
+
+def _signature(fn, ptr_types, constexprs):
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr or name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types.get(name, ptr_types["*"])
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]  # noqa: E501
+    if missing:
+        raise ValueError(f"constexprs missing: {missing}")
+    return sig
+
+
+def _gemm(dtype, **flags):
+    base = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, MULTI=False, NF4=False, EVEN_K=True,
+                DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)
+    base.update(flags)
+    ptrs = {"*": f"*{dtype}", "l_ptr": "*fp32", "scale_ptr": "*fp32", "seed_ptr": "*i64", "perm_ptr": "*i32",
+            "slot_ptr": "*i32", "absmax_ptr": "*fp32", "code_ptr": "*fp32"}
+    if base["NF4"]:
+        ptrs["b_ptr"] = "*u8"
+    return fl._gemm_lowrank_kernel, ptrs, base
+
+
+def variants():
+    yield "gemm bf16 128x256 (forward, large M)", *_gemm("bf16"), dict(num_warps=8, num_stages=3)
+    yield "gemm bf16 dropout-masked LoRA step (dx)", *_gemm("bf16", LOWRANK_DROPOUT=True, HAS_BIAS=False), \
+        dict(num_warps=8, num_stages=3)
+    yield "gemm bf16 16x64 (decode)", *_gemm("bf16", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), \
+        dict(num_warps=4, num_stages=5)
+    yield "gemm bf16 multi-adapter", *_gemm("bf16", MULTI=True, SCALE_FROM_PTR=True, BLOCK_M=64, BLOCK_N=128), \
+        dict(num_warps=4, num_stages=4)
+    yield "gemm bf16 NF4 base", *_gemm("bf16", NF4=True, BLOCK_M=128, BLOCK_N=128), dict(num_warps=8, num_stages=3)
+    yield "gemm fp16 r=64 odd K", *_gemm("fp16", EVEN_K=False, BLOCK_R=64), dict(num_warps=8, num_stages=3,
+                                                                                  odd=("K", "stride_am", "stride_bn"))
+    yield "gemm bf16 r=64 128x256", *_gemm("bf16", BLOCK_R=64), dict(num_warps=8, num_stages=3)
+    yield "gemm bf16 r=64 128x128", *_gemm("bf16", BLOCK_R=64, BLOCK_N=128), dict(num_warps=8, num_stages=4)
+    yield "gemm fp32 ieee", *_gemm("fp32", DOT_PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), \
+        dict(num_warps=4, num_stages=3)
+    sk = dict(SCALE_FROM_PTR=False, DROPOUT=True, MULTI=False, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64,
+              BLOCK_R=16)
+    sk_ptrs = {"*": "*bf16", "out_ptr": "*fp32", "scale_ptr": "*fp32", "seed_ptr": "*i64", "perm_ptr": "*i32",
+               "slot_ptr": "*i32"}
+    yield "skinny x·Aᵀ with dropout", fl._skinny_rank_kernel, sk_ptrs, sk, dict(num_warps=4, num_stages=3)
+    yield "skinny multi-adapter", fl._skinny_rank_kernel, sk_ptrs, dict(sk, DROPOUT=False, MULTI=True), \
+        dict(num_warps=4, num_stages=3)
+    yield "skinny r=256", fl._skinny_rank_kernel, sk_ptrs, dict(sk, BLOCK_R=256, BLOCK_K=32), \
+        dict(num_warps=8, num_stages=3)
+    rr = dict(SCALE_FROM_PTR=False, DROPOUT=True, COLSUM=True, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_C=64,
+              BLOCK_R=16)
+    rr_ptrs = {"*": "*bf16", "s_ptr": "*fp32", "out_ptr": "*fp32", "colsum_ptr": "*fp32", "scale_ptr": "*fp32",
+               "seed_ptr": "*i64"}
+    yield "reduce rows (dA/dB, dbias)", fl._reduce_rows_kernel, rr_ptrs, rr, dict(num_warps=4, num_stages=3)
+    m = dict(UNMERGE=True, INT_TY=tl.int16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
+    yield "merge bf16 unmerge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, m, dict(num_warps=4)
+
+
+def _ptxas_usage(ptx: str):
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return None, None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    results, failed = [], 0
+    for name, fn, ptrs, consts, opts in variants():
+        row = dict(kernel=name)
+        try:
+            consts, attrs = _specialise(fn, consts, odd=opts.pop("odd", ()))
+            src = ASTSource(fn=fn, signature=_signature(fn, ptrs, consts), constexprs=consts, attrs=attrs)
+            k = triton.compile(src, target=TARGET, options=opts)
+            ptx = k.asm["ptx"]
+            row.update(ok=True, wgmma="wgmma" in ptx, cp_async=("cp.async" in ptx), shared=k.metadata.shared)
+            row["regs"], row["spill_bytes"] = _ptxas_usage(ptx)
+        except Exception as e:  # noqa: BLE001 - report every variant, fail at the end
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            failed += 1
+        results.append(row)
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {name:42s} " + (
+            f"wgmma={row['wgmma']!s:5s} cp.async={row['cp_async']!s:5s} regs={row['regs']} "
+            f"spills={row['spill_bytes']} smem={row['shared']}"
+            if row["ok"] else row["error"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(target="sm_90a", triton=triton.__version__, kernels=results), f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
