@@ -30,7 +30,7 @@ FLOAT_ARGS = {"scale", "keep_scale"}
 # (unit strides), pointers and integers divisible by 16 carry that fact. Compiling without it would hide the
 # vectorised, pipelined loads the kernels really get.
 UNIT = {"stride_ak", "stride_bk", "stride_cn", "stride_lr", "stride_rr", "stride_xk", "stride_or", "stride_xc",
-        "stride_sr", "stride_oc"}
+        "stride_sr", "stride_oc", "stride_fak"}
 ODD = {"R", "threshold", "M_BUCKET", "stride_an", "stride_bn_merge"}
 
 
@@ -66,11 +66,12 @@ def _signature(fn, ptr_types, constexprs):
 
 
 def _gemm(dtype, **flags):
-    base = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, MULTI=False, NF4=False, EVEN_K=True,
+    base = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, MULTI=False, NF4=False, FOLD_XA=False,
+                EVEN_K=True,
                 DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)
     base.update(flags)
     ptrs = {"*": f"*{dtype}", "l_ptr": "*fp32", "scale_ptr": "*fp32", "seed_ptr": "*i64", "perm_ptr": "*i32",
-            "slot_ptr": "*i32", "absmax_ptr": "*fp32", "code_ptr": "*fp32"}
+            "slot_ptr": "*i32", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "fa_ptr": "*fp32"}
     if base["NF4"]:
         ptrs["b_ptr"] = "*u8"
     return fl._gemm_lowrank_kernel, ptrs, base
@@ -82,6 +83,8 @@ def variants():
         dict(num_warps=8, num_stages=3)
     yield "gemm bf16 16x64 (decode)", *_gemm("bf16", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), \
         dict(num_warps=4, num_stages=5)
+    yield "gemm bf16 16x64 decode, x·Aᵀ folded in", *_gemm("bf16", FOLD_XA=True, BLOCK_M=16, BLOCK_N=64,
+                                                          BLOCK_K=128), dict(num_warps=4, num_stages=5)
     yield "gemm bf16 multi-adapter", *_gemm("bf16", MULTI=True, SCALE_FROM_PTR=True, BLOCK_M=64, BLOCK_N=128), \
         dict(num_warps=4, num_stages=4)
     yield "gemm bf16 NF4 base", *_gemm("bf16", NF4=True, BLOCK_M=128, BLOCK_N=128), dict(num_warps=8, num_stages=3)

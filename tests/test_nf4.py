@@ -51,7 +51,7 @@ def test_memory_per_parameter():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 64, 32, 4), (17, 96, 40, 8), (5, 70, 33, 3)])
+@pytest.mark.parametrize("shape", [(1, 64, 32, 4), (17, 96, 40, 8), (5, 70, 33, 3), (70, 64, 32, 4)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_fused_4bit_op_oracle(backend, dtype, shape, p):
     M, K, N, r = shape

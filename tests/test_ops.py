@@ -38,7 +38,8 @@ def test_torch_backend_layouts(variant):
 
 @pytest.mark.skipif(not INTERP, reason="interpreter cases run where there is no GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 33, 17, 1), (17, 70, 45, 8), (40, 64, 96, 16), (5, 48, 20, 40)])
+@pytest.mark.parametrize("shape", [(1, 33, 17, 1), (17, 70, 45, 8), (40, 64, 96, 16), (5, 48, 20, 40),
+                                   (100, 48, 40, 8)])      # M > 64: the separate x·Aᵀ kernel even without dropout
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_triton_interpreter_oracle(dtype, shape, dropout_p):
     M, K, N, r = shape

@@ -47,3 +47,14 @@ def skinny_split(rows: int, cols_blocks: int, sms: int = 132) -> int:
     """Row-splits for the skinny kernels so that about two CTAs land on each SM."""
     want = max(1, (2 * sms) // max(cols_blocks, 1))
     return max(1, min(want, triton.cdiv(rows, 64), 64))
+
+
+# Fold x·Aᵀ into the GEMM (one launch) up to this many rows: there the GEMM streams W and the extra
+# BLOCK_M×BLOCK_K×r product per step costs nothing; above it the separate skinny kernel is cheaper than
+# r/BLOCK_N more tensor-core work in every program. Not with dropout (the mask would be rebuilt per program).
+FOLD_XA_MAX_ROWS = 64
+FOLD_XA_MAX_RANK = 128
+
+
+def fold_xa(m: int, r: int, dropout_on: bool) -> bool:
+    return 0 < m <= FOLD_XA_MAX_ROWS and r <= FOLD_XA_MAX_RANK and not dropout_on

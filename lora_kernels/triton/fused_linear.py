@@ -41,12 +41,13 @@ def _next_slot(slot, cur):
 @triton.jit
 def _gemm_lowrank_kernel(
     a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, bias_ptr, scale_ptr, seed_ptr, perm_ptr, slot_ptr, absmax_ptr, code_ptr,
-    M, N, K, R, M_BUCKET,
+    fa_ptr, M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_lm, stride_lr, stride_rr, stride_rn, stride_rs,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_rs, stride_fak, stride_far,
     scale, threshold, keep_scale,
     HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr, MULTI: tl.constexpr,
-    NF4: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    NF4: tl.constexpr, FOLD_XA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A·B + (s·L)·Rt (+ bias); with LOWRANK_DROPOUT the low-rank part is masked per (row, col).
@@ -54,6 +55,10 @@ def _gemm_lowrank_kernel(
     MULTI (one adapter per row): tile rows are positions in slot-sorted order; perm maps them to rows
     of A and C, slot gives each position's adapter (-1: none), Rt is stacked per slot (stride_rs) and
     scale_ptr holds one scaling per slot. Each slot present in the tile adds one masked low-rank step.
+
+    FOLD_XA (small M, no dropout): L = A_main·FA is accumulated in the main loop from the A tiles already
+    loaded (FA = Aᵀ of the adapter, K×R), written to l_ptr by the first column of programs (it is saved for
+    backward), then used for the low-rank step: one launch instead of a separate x·Aᵀ kernel.
 
     NF4: B is a 4-bit weight dequantised tile by tile in the main loop: b_ptr holds two codes per byte (high
     nibble first), stride_bk/stride_bn are element strides into the flat weight, absmax_ptr one float32
@@ -85,7 +90,15 @@ def _gemm_lowrank_kernel(
     # applied in place (one accumulator: no second BLOCK_M×BLOCK_N tile of registers, no spills).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     DT: tl.constexpr = a_ptr.dtype.element_ty
-    if MULTI:
+    rr = tl.arange(0, BLOCK_R)
+    if SCALE_FROM_PTR:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = scale
+    if FOLD_XA:
+        lacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        fa_ptrs = fa_ptr + rk[:, None] * stride_fak + rr[None, :] * stride_far
+    elif MULTI:
         slot = tl.where(offs_m < M, tl.load(slot_ptr + rm), -1)
         cur = _next_slot(slot, -1)
         last = tl.max(slot, axis=0)
@@ -95,10 +108,6 @@ def _gemm_lowrank_kernel(
                                stride_rr, stride_rn, row_scale, DT, BLOCK_R, DOT_PRECISION)
             cur = _next_slot(slot, cur)
     else:
-        if SCALE_FROM_PTR:
-            s = tl.load(scale_ptr).to(tl.float32)
-        else:
-            s = scale
         row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * s
         acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn, row_scale,
                            DT, BLOCK_R, DOT_PRECISION)
@@ -123,8 +132,21 @@ def _gemm_lowrank_kernel(
         else:
             b = tl.load(b_ptrs, mask=rk[:, None] < K - k * BLOCK_K, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if FOLD_XA:
+            fa = tl.load(fa_ptrs, mask=((k * BLOCK_K + rk)[:, None] < K) & (rr[None, :] < R), other=0.0)
+            lacc = tl.dot(a, fa.to(DT), lacc, input_precision=DOT_PRECISION)
+            fa_ptrs += BLOCK_K * stride_fak
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+
+    if FOLD_XA:
+        # padded rank columns are 0·x: NaN where x holds Inf, so clear them before they meet B's zero rows
+        lacc = tl.where(rr[None, :] < R, lacc, 0.0)
+        if pid_n == 0:
+            l_ptrs = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + rr[None, :] * stride_lr
+            tl.store(l_ptrs, lacc, mask=(offs_m[:, None] < M) & (rr[None, :] < R))
+        rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=rr[:, None] < R, other=0.0)
+        acc = tl.dot((lacc * s).to(DT), rt.to(DT), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
@@ -312,11 +334,12 @@ class NF4Operand:
 
 
 def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None, dropout=None, multi=None,
-                 allow_tf32=False):
+                 fold_a=None, allow_tf32=False):
     """out (M×N) = a (M×K) · b (K×N) + (s·low_l) (M×R) · low_r (R×N) + bias; b and low_r may be strided views.
 
     With multi, low_r is (slots, R, N) and low_l holds rows in the slot-sorted order of multi.perm.
-    b may be an NF4B (a 4-bit weight dequantised inside the main loop)."""
+    b may be an NF4B (a 4-bit weight dequantised inside the main loop). With fold_a (K×R, the adapter's Aᵀ),
+    low_l is an output: the kernel computes a·fold_a in its main loop, writes it there and uses it."""
     M, K = a.shape
     N = b.shape[1]
     nf4 = isinstance(b, NF4B)
@@ -331,13 +354,16 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
         s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, a)
         perm, slots, rs, r2 = a, a, 0, low_r
     args = (a, b_ptr, out, low_l, low_r, bias if bias is not None else a, s_ptr,
-            dropout.seed if dropout.on else a, perm, slots, absmax, code,
+            dropout.seed if dropout.on else a, perm, slots, absmax, code, fold_a if fold_a is not None else a,
             M, N, K, R, configs.m_bucket(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             low_l.stride(0), low_l.stride(1), r2.stride(0), r2.stride(1), rs,
+            fold_a.stride(0) if fold_a is not None else 0, fold_a.stride(1) if fold_a is not None else 0,
             s, dropout.threshold, dropout.keep_scale)
+    fold = fold_a is not None
     flags = dict(HAS_BIAS=bias is not None, SCALE_FROM_PTR=s_from_ptr, LOWRANK_DROPOUT=dropout.on,
-                 MULTI=multi is not None, NF4=nf4, DOT_PRECISION=_precision(a.dtype, allow_tf32), BLOCK_R=_block_r(R))
+                 MULTI=multi is not None, NF4=nf4, FOLD_XA=fold, DOT_PRECISION=_precision(a.dtype, allow_tf32),
+                 BLOCK_R=max(16, triton.next_power_of_2(R)) if fold else _block_r(R))
     if M == 0 or N == 0:
         return out
     if configs.interpreting():
@@ -423,8 +449,14 @@ def reduce_rows(x, s_mat, *, scale=1.0, scale_t=None, dropout=None, colsum=False
 def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, allow_tf32=False):
     """Returns (y, xa) with xa = dropout(x)·Aᵀ in float32, saved for backward."""
     drop = Dropout(seed, dropout_p)
-    xa = skinny_rank(x2d, lora_A.t(), dropout=drop, allow_tf32=allow_tf32)
     y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
+    if configs.fold_xa(x2d.shape[0], lora_A.shape[0], drop.on):
+        # Small M: x·Aᵀ rides along in the GEMM's main loop (one launch, x read once).
+        xa = torch.empty((x2d.shape[0], lora_A.shape[0]), device=x2d.device, dtype=torch.float32)
+        gemm_lowrank(x2d, weight.t(), xa, lora_B.t(), y, bias=bias, scale=scaling, scale_t=scaling_t,
+                     fold_a=lora_A.t(), allow_tf32=allow_tf32)
+        return y, xa
+    xa = skinny_rank(x2d, lora_A.t(), dropout=drop, allow_tf32=allow_tf32)
     gemm_lowrank(x2d, weight.t(), xa, lora_B.t(), y, bias=bias, scale=scaling, scale_t=scaling_t,
                  allow_tf32=allow_tf32)
     return y, xa
