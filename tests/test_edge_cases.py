@@ -9,14 +9,18 @@ from lora_kernels import reference
 from helpers import make_inputs
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERP else [])
+# (backend, device): the reference and, where they can run, the Triton kernels (interpreter on the CPU, or the GPU)
+BACKENDS = [("torch", "cpu")] + ([("triton", "cpu")] if INTERP else []) + \
+    ([("triton", "cuda")] if torch.cuda.is_available() else []) + \
+    ([("cuda", "cuda")] if torch.cuda.is_available() and lk.cuda_ext_available() else [])
+IDS = [f"{b}-{d}" for b, d in BACKENDS]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dev", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("x_shape", [(0, 24), (2, 0, 24)])
-def test_empty_batch(backend, x_shape):
-    _, w, a, b, bias = make_inputs(1, 24, 10, 3, torch.float32)
-    x = torch.randn(x_shape, requires_grad=True)
+def test_empty_batch(backend, dev, x_shape):
+    _, w, a, b, bias = make_inputs(1, 24, 10, 3, torch.float32, device=dev)
+    x = torch.randn(x_shape, device=dev, requires_grad=True)
     a.requires_grad_()
     y = lk.lora_linear(x, w, a, b, 0.5, bias, dropout_p=0.1, backend=backend)
     assert y.shape == (*x_shape[:-1], 10)
@@ -28,10 +32,10 @@ def _patterns(y):
     return torch.isnan(y), torch.isposinf(y), torch.isneginf(y)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dev", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nan_inf_propagate_like_the_unfused_path(backend, dtype):
-    x, w, a, b, bias = make_inputs(6, 32, 20, 4, dtype, adapter_dtype=torch.float32)
+def test_nan_inf_propagate_like_the_unfused_path(backend, dev, dtype):
+    x, w, a, b, bias = make_inputs(6, 32, 20, 4, dtype, adapter_dtype=torch.float32, device=dev)
     x[1, 3] = float("nan")
     x[2, 5] = float("inf")
     a[1, 7] = float("-inf")
@@ -42,16 +46,16 @@ def test_nan_inf_propagate_like_the_unfused_path(backend, dtype):
         assert torch.equal(got, expect)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_overflow_like_the_unfused_path(backend):
+@pytest.mark.parametrize("backend,dev", BACKENDS, ids=IDS)
+def test_fp16_overflow_like_the_unfused_path(backend, dev):
     K, N = 64, 4
-    x = torch.ones(3, K, dtype=torch.float16)
-    w = torch.zeros(N, K, dtype=torch.float16)
+    x = torch.ones(3, K, dtype=torch.float16, device=dev)
+    w = torch.zeros(N, K, dtype=torch.float16, device=dev)
     w[0] = 2000.0                      # exact output 128000: beyond float16's 65504
     w[1] = 500.0                       # 32000: representable
     w[2] = -2000.0
-    a = torch.full((2, K), 0.01)
-    b = torch.full((N, 2), 0.5)
+    a = torch.full((2, K), 0.01, device=dev)
+    b = torch.full((N, 2), 0.5, device=dev)
     fused = lk.lora_linear(x, w, a, b, 1.0, backend=backend)
     unfused = reference.lora_linear(x, w, a, b, 1.0)
     for y in (fused, unfused):
@@ -59,15 +63,15 @@ def test_fp16_overflow_like_the_unfused_path(backend):
         assert torch.isfinite(y[:, 1]).all() and torch.isfinite(y[:, 3]).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_reruns_bit_identical(backend):
+@pytest.mark.parametrize("backend,dev", BACKENDS, ids=IDS)
+def test_deterministic_reruns_bit_identical(backend, dev):
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         runs = []
         for _ in range(2):
-            x, w, a, b, bias = (t.clone() for t in make_inputs(40, 48, 36, 8, torch.float32,
-                                                               gen=torch.Generator().manual_seed(7)))
+            x, w, a, b, bias = (t.clone() for t in make_inputs(40, 48, 36, 8, torch.float32, device=dev,
+                                                               gen=torch.Generator(device=dev).manual_seed(7)))
             x.requires_grad_()
             a.requires_grad_()
             b.requires_grad_()
