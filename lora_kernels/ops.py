@@ -5,7 +5,6 @@ keeps torch.compile(fullgraph=True) able to trace the ops as opaque nodes.
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional, Tuple
 
@@ -14,11 +13,6 @@ from torch import Tensor
 
 from . import _backends, reference
 from ._checks import check_lora_args, check_merge_args
-
-log = logging.getLogger("lora_kernels")
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))

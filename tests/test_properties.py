@@ -29,7 +29,8 @@ def _run(c, backend):
     inputs = make_inputs(c["M"], c["K"], c["N"], c["r"], c["dtype"], bias=c["bias"],
                          noncontig=c["layout"] == "noncontig", x_3d=c["layout"] == "3d",
                          adapter_dtype=torch.float32 if c["fp32_adapters"] else None)
-    oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend=backend)
+    got = oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend=backend)
+    assert got[0].shape[-1] == c["N"] and got[1].shape == inputs[0].shape
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -60,4 +61,5 @@ def test_gpu_property(backend, data):
     inputs = make_inputs(c["M"], c["K"], c["N"], c["r"], c["dtype"], bias=c["bias"], device="cuda",
                          noncontig=c["layout"] == "noncontig", x_3d=c["layout"] == "3d",
                          adapter_dtype=torch.float32 if c["fp32_adapters"] else None)
-    oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend=backend)
+    got = oracle_check(*inputs, scaling=c["scaling"], dropout_p=c["p"], backend=backend)
+    assert got[0].shape[-1] == c["N"] and got[1].shape == inputs[0].shape
