@@ -204,9 +204,9 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     N, K = qweight.shape
     check_lora_shapes(x, N, K, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
-    name = _backends.resolve(backend, x)
-    if name == "cuda":
-        name = "triton" if _backends.triton_available() and x.is_cuda else "torch"
+    if backend == "cuda":
+        raise NotImplementedError("backend='cuda': no 4-bit CUDA kernel yet; use backend='triton' or 'auto'")
+    name = _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
     seed = draw_seed(x) if dropout_p > 0.0 else None
     x2d = x.reshape(-1, K)
     if name != "torch" and x2d.stride(-1) != 1:
