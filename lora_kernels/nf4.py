@@ -234,15 +234,24 @@ class FusedLoRALinear4bit(nn.Module):
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.backend, self.compute_dtype = backend, qweight.dtype
-        self.qweight = qweight
+        # The 4-bit storage lives in buffers (so .to(), state_dict and DDP see it); qweight is rebuilt from them.
         dev = qweight.packed.device
         self.register_buffer("packed", qweight.packed)
         self.register_buffer("absmax", qweight.absmax)
+        self.register_buffer("absmax2", qweight.absmax2)
+        self.register_buffer("code2", qweight.code2)
+        self._quant_meta = (qweight.shape, qweight.dtype, qweight.blocksize, qweight.offset, qweight.blocksize2)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         fac = {"device": dev, "dtype": adapter_dtype or qweight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **fac))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fac))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def qweight(self) -> NF4Weight:
+        shape, dtype, blocksize, offset, blocksize2 = self._quant_meta
+        return NF4Weight(self.packed, self.absmax, shape, dtype, blocksize, offset, self.absmax2, self.code2,
+                         blocksize2)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, double_quant: bool = True,

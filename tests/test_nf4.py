@@ -175,3 +175,10 @@ def test_patch_peft_lora_over_bnb_linear4bit():
     for (n, p1), (_, p2) in zip(ref.named_parameters(), mine.named_parameters()):
         if p1.requires_grad:
             torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_module_4bit_storage_follows_to_and_state_dict():
+    m = nf4.FusedLoRALinear4bit.from_linear(torch.nn.Linear(64, 32), r=2, backend="torch")
+    assert {"packed", "absmax", "absmax2", "code2"} <= set(m.state_dict())
+    m2 = m.to(torch.device("meta"))
+    assert m2.qweight.packed.device.type == "meta" and m2.qweight.absmax2.device.type == "meta"
