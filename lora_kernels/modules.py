@@ -97,19 +97,16 @@ class FusedLoRALinear(nn.Module):
     def merge(self):
         """Fold s·B·A into W (forward becomes the plain GEMM). A no-op when already merged."""
         if not self.merged:
-            ops.merge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self._merge_backend())
+            ops.merge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
             self.merged = True
         return self
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            ops.unmerge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self._merge_backend())
+            ops.unmerge_(self.weight, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
             self.merged = False
         return self
-
-    def _merge_backend(self):
-        return self.backend if self.backend in ("auto", "torch") or self.weight.is_cuda else "torch"
 
     @contextlib.contextmanager
     def disable_adapters(self):

@@ -102,11 +102,9 @@ def run(log=print, steps_curve=200, config=None):
 
 
 def plot_curves(curves, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
+    from .report import pyplot, save
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, c in curves.items():
@@ -115,6 +113,4 @@ def plot_curves(curves, path):
     ax.set_ylabel("loss")
     ax.set_title("LoRA fine-tune, same seed: peft vs patched")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return save(fig, path)

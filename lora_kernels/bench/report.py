@@ -75,12 +75,26 @@ def markdown(rows, meta) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(rows, path) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, or None where matplotlib is missing (plots are optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001 - the plot is optional
+        return plt
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def save(fig, path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot(rows, path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fwd = [r for r in rows if r["mode"] == "forward" and r["provider"] != "base" and r["ratio"]]
     labels = list(OrderedDict.fromkeys(f"{r['M']}×{r['K']}×{r['N']} r{r['r']}" for r in fwd))
@@ -98,9 +112,7 @@ def plot(rows, path) -> bool:
     ax.set_ylabel("time / cuBLAS x@Wᵀ (lower is better)")
     ax.set_title("LoRA linear forward")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return save(fig, path)
 
 
 def write_all(rows, meta, out_dir):
