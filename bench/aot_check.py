@@ -66,7 +66,8 @@ def _signature(fn, ptr_types, constexprs):
 
 
 def _gemm(dtype, **flags):
-    base = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, MULTI=False, NF4=False, FOLD_XA=False,
+    base = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, MULTI=False, NF4=False, NF4_LAYOUT=0,
+                FOLD_XA=False,
                 EVEN_K=True,
                 DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)
     base.update(flags)
@@ -85,9 +86,17 @@ def variants():
         dict(num_warps=4, num_stages=5)
     yield "gemm bf16 16x64 decode, x·Aᵀ folded in", *_gemm("bf16", FOLD_XA=True, BLOCK_M=16, BLOCK_N=64,
                                                           BLOCK_K=128), dict(num_warps=4, num_stages=5)
+    yield "gemm bf16 16x16 decode, x·Aᵀ folded in", *_gemm("bf16", FOLD_XA=True, BLOCK_M=16, BLOCK_N=16,
+                                                          BLOCK_K=256), dict(num_warps=4, num_stages=4)
     yield "gemm bf16 multi-adapter", *_gemm("bf16", MULTI=True, SCALE_FROM_PTR=True, BLOCK_M=64, BLOCK_N=128), \
         dict(num_warps=4, num_stages=4)
     yield "gemm bf16 NF4 base", *_gemm("bf16", NF4=True, BLOCK_M=128, BLOCK_N=128), dict(num_warps=8, num_stages=3)
+    yield "gemm bf16 NF4 rows (forward)", *_gemm("bf16", NF4=True, NF4_LAYOUT=1, BLOCK_M=128, BLOCK_N=128), \
+        dict(num_warps=8, num_stages=3)
+    yield "gemm bf16 NF4 rows (dx)", *_gemm("bf16", NF4=True, NF4_LAYOUT=2, BLOCK_M=128, BLOCK_N=128), \
+        dict(num_warps=8, num_stages=3)
+    yield "gemm bf16 NF4 rows decode", *_gemm("bf16", NF4=True, NF4_LAYOUT=1, BLOCK_M=16, BLOCK_N=64,
+                                               BLOCK_K=128), dict(num_warps=4, num_stages=4)
     yield "gemm fp16 r=64 odd K", *_gemm("fp16", EVEN_K=False, BLOCK_R=64), dict(num_warps=8, num_stages=3,
                                                                                   odd=("K", "stride_am", "stride_bn"))
     yield "gemm bf16 r=64 128x256", *_gemm("bf16", BLOCK_R=64), dict(num_warps=8, num_stages=3)

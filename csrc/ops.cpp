@@ -81,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   at::Tensor dA = at::mm(g.t(), apply_dropout(x, dropout_p, seed)).to(lora_A.scalar_type());
   at::Tensor dB = at::mm(dy.t(), xa.to(dt)).mul_(scaling).to(lora_B.scalar_type());
   // The LoRA part of dx carries the same mask and 1/(1-p) as the forward's dropout(x).
-  at::Tensor dx = need_dx ? at::mm(dy, weight).add_(apply_dropout(at::mm(g, A), dropout_p, seed)) : dy.new_empty({0});
+  // dx: the LoRA part first, then dy·W accumulated into it by the GEMM (no separate add over dx).
+  at::Tensor dx = need_dx ? apply_dropout(at::mm(g, A), dropout_p, seed).addmm_(dy, weight) : dy.new_empty({0});
   at::Tensor dbias = need_dbias ? dy.sum(0) : dy.new_empty({0});
   return {dx, dA, dB, dbias};
 }
@@ -104,8 +105,17 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x,
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ", dropout_p);
   const auto dt = x.scalar_type();
   at::Tensor xa = at::mm(apply_dropout(x, dropout_p, seed), lora_A.to(dt).t());
-  at::Tensor y = bias.has_value() ? at::addmm(bias->to(dt), x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(xa, lora_B.to(dt).t(), /*beta=*/1.0, /*alpha=*/scaling);
+  // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
+  // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
+  const at::Tensor Bt = lora_B.to(dt).t();
+  at::Tensor y;
+  if (bias.has_value()) {
+    y = at::addmm(bias->to(dt), xa, Bt, /*beta=*/1.0, /*alpha=*/scaling);
+  } else {
+    y = at::empty({x.size(0), weight.size(0)}, x.options());
+    at::addmm_out(y, y, xa, Bt, /*beta=*/0.0, /*alpha=*/scaling);  // beta = 0: y's contents are ignored
+  }
+  y.addmm_(x, weight.t());
   return {y, xa.to(acc_type(dt))};
 }
 

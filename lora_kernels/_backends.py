@@ -75,7 +75,8 @@ def _require(name: str, t: torch.Tensor):
                                "(install with nvcc and a CUDA build of torch)")
 
 
-def resolve(backend: str, t: torch.Tensor, prefer=("triton", "cuda"), what: str = "fused linear") -> str:
+def resolve(backend: str, t: torch.Tensor, prefer=("triton", "cuda"), what: str = "fused linear",
+            reason: str = "preferred") -> str:
     """The backend that serves `what` for tensors like t: the first available of `prefer` on CUDA tensors,
     the torch reference otherwise. The first choice per device and op family is logged once."""
     _check_name(backend)
@@ -88,17 +89,30 @@ def resolve(backend: str, t: torch.Tensor, prefer=("triton", "cuda"), what: str 
     available = {"triton": triton_available, "cuda": cuda_ext_available}
     for name in prefer:
         if available[name]():
-            why = "preferred" if name == prefer[0] else f"{prefer[0]} unavailable"
-            _once((name, what, str(t.device)), f"lora_kernels: {what} on {t.device} -> {name} backend ({why})")
+            why = reason if name == prefer[0] else f"{prefer[0]} unavailable"
+            _once((name, what, str(t.device), why), f"lora_kernels: {what} on {t.device} -> {name} backend ({why})")
             return name
     _once(("slow", what, str(t.device)), f"lora_kernels: neither triton nor the CUDA extension is available on "
           f"{t.device}; {what} runs the unfused torch reference (slow)", warn=True)
     return "torch"
 
 
+# Measured on an H100 (bench/results/profile-h100-20261123-run4.log, GPU time per forward at 4096x4096,
+# r=16): the CUDA backend (cuBLAS GEMMs composed in C++, the decode kernel at 1-2 rows) took 19.4 / 18.8 /
+# 19.4 / 110.6 / 417.9 us at 1 / 16 / 64 / 2048 / 8192 rows against Triton's 28.3 / 23.8 / 24.8 / 118.9 /
+# 491.5, and its train steps were faster too (1.45 vs 2.17 of the base in the bench).
+def resolve_linear(backend: str, x: torch.Tensor, tensor_scaling: bool = False, what: str = "fused linear") -> str:
+    if tensor_scaling:
+        # The C++ ops take the scaling as a float (a device-to-host read per call, and none is allowed
+        # inside a captured CUDA graph); the Triton kernels read it from device memory.
+        return resolve(backend, x, prefer=("triton", "cuda"), what=what + " (tensor scaling)",
+                       reason="reads the scaling on the device")
+    return resolve(backend, x, prefer=("cuda", "triton"), what=what, reason="fastest measured at every size")
+
+
 def resolve_merge(backend: str, w: torch.Tensor) -> str:
-    """Merge prefers the CUDA extension (one pass at memory bandwidth), then Triton."""
-    return resolve(backend, w, prefer=("cuda", "triton"), what="merge")
+    """Merge prefers Triton (measured 1.2x a copy of W on an H100, the CUDA kernel 2.7x), then CUDA."""
+    return resolve(backend, w, prefer=("triton", "cuda"), what="merge", reason="fastest measured")
 
 
 def module(name: str):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import _backends, reference
 from ._checks import check_dropout, check_lora_shapes
+from .ops import _eager, eager_function
 
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -146,6 +147,10 @@ def _operand(packed, absmax, N, K):
 def lora4_fwd(x: Tensor, packed: Tensor, absmax: Tensor, N: int, K: int, lora_A: Tensor, lora_B: Tensor,
               bias: Optional[Tensor], scaling: float, scaling_t: Optional[Tensor], dropout_p: float,
               seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend)
+
+
+def _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend):
     args = (lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed)
     if backend == "triton":
         return _backends.module("triton").forward(x, _operand(packed, absmax, N, K), *args)
@@ -162,6 +167,12 @@ def lora4_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, N: int, K: 
               lora_B: Tensor, xa: Tensor, scaling: float, scaling_t: Optional[Tensor], dropout_p: float,
               seed: Optional[Tensor], need_dx: bool, need_dbias: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward4_impl(dy, x, packed, absmax, N, K, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed,
+                           need_dx, need_dbias, backend)
+
+
+def _backward4_impl(dy, x, packed, absmax, N, K, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx,
+                    need_dbias, backend):
     rest = (lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx, need_dbias)
     if backend == "triton":
         dx, dA, dB, dbias = _backends.module("triton").backward(dy, x, _operand(packed, absmax, N, K), *rest)
@@ -185,16 +196,18 @@ def _setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dxa):
+def _backward_through(bwd, ctx, dy):
     x, packed, absmax, lora_A, lora_B, xa, scaling_t, seed = ctx.saved_tensors
     need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[7]
-    dx, dA, dB, dbias = lora4_bwd(dy.contiguous(), x, packed, absmax, ctx.N, ctx.K, lora_A, lora_B, xa, ctx.scaling,
-                                  scaling_t, ctx.dropout_p, seed, need_dx, need_dbias, ctx.backend)
+    dx, dA, dB, dbias = bwd(dy.contiguous(), x, packed, absmax, ctx.N, ctx.K, lora_A, lora_B, xa, ctx.scaling,
+                            scaling_t, ctx.dropout_p, seed, need_dx, need_dbias, ctx.backend)
     return (dx if need_dx else None, None, None, None, None, dA, dB,
             dbias.to(ctx.bias_dtype) if need_dbias else None, None, None, None, None, None)
 
 
-lora4_fwd.register_autograd(_backward, setup_context=_setup)
+lora4_fwd.register_autograd(lambda ctx, dy, _dxa: _backward_through(lora4_bwd, ctx, dy), setup_context=_setup)
+_EagerLoRA4 = eager_function("_EagerLoRA4", _forward4_impl, _setup,
+                             lambda ctx, dy, _dxa: _backward_through(_backward4_impl, ctx, dy))
 
 
 def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, scaling=1.0,
@@ -211,8 +224,9 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     x2d = x.reshape(-1, K)
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    y, _ = lora4_fwd(x2d, qweight.packed.reshape(-1), qweight.block_absmax().float(), N, K, lora_A, lora_B, bias,
-                     s, s_t, float(dropout_p), seed, name)
+    packed, absmax = qweight.packed.reshape(-1), qweight.block_absmax().float()
+    fwd = _EagerLoRA4.apply if _eager(x2d, packed, absmax, lora_A, lora_B, bias, s_t) else lora4_fwd
+    y, _ = fwd(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s, s_t, float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -6,6 +6,9 @@ import torch
 # Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Tests check results, not speed: time each autotune candidate only briefly.
+    os.environ.setdefault("LORA_KERNELS_QUICK_TUNE", "1")
 
 
 def pytest_configure(config):

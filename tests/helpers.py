@@ -73,3 +73,26 @@ def oracle_check(x, w, a, b, bias, *, scaling=0.75, dropout_p=0.0, backend="torc
         tol = 2 * (c_.double() - e_).norm().item() + 1e-6 * max(e_.numel() ** 0.5, e_.norm().item())
         assert err <= tol, f"{name}: fused error {err:.3e} > 2x composite error + 1e-6 term = {tol:.3e}"
     return got
+
+
+def check_eager_path_matches_ops(monkeypatch, module, call, leaves, node_name):
+    """call(*leaf_copies) -> y, run once through the eager fast path and once with module._eager forced off
+    (the registered custom ops): the autograd node must be node_name vs another, y and every leaf's gradient
+    bit-identical. The dropout seed is reset before each run so both paths draw the same mask."""
+    def run():
+        torch.manual_seed(7)
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        y = call(*copies)
+        y.backward(torch.ones_like(y))
+        fn = y.grad_fn
+        while type(fn).__name__.startswith("View"):  # the public functions reshape the 2-D result
+            fn = fn.next_functions[0][0]
+        return y, [t.grad for t in copies], type(fn).__name__
+
+    y_fast, g_fast, fn_fast = run()
+    monkeypatch.setattr(module, "_eager", lambda *t: False)
+    y_op, g_op, fn_op = run()
+    assert fn_fast == node_name and fn_op != fn_fast
+    assert torch.equal(y_fast, y_op)
+    for gf, go in zip(g_fast, g_op):
+        assert torch.equal(gf, go)

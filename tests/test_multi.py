@@ -40,7 +40,8 @@ def _per_row(x, w, A, B, scal, ids, bias):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 40, 24, 4, 3), (37, 70, 45, 8, 5), (64, 48, 33, 16, 64)])
+# up to 64 rows the Triton path keeps rows in place, from 65 it sorts them by slot
+@pytest.mark.parametrize("shape", [(1, 40, 24, 4, 3), (37, 70, 45, 8, 5), (64, 48, 33, 16, 64), (90, 40, 30, 8, 7)])
 def test_mixed_batch_matches_per_row_reference(backend, dtype, shape):
     M, K, N, R, S = shape
     x = torch.randn(M, K, device=DEV).to(dtype)

@@ -6,7 +6,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import nf4, reference
-from helpers import _run
+from helpers import _run, check_eager_path_matches_ops
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [("torch", "cpu")] + ([("triton", "cpu")] if INTERP else []) + \
@@ -57,6 +57,20 @@ def test_memory_per_parameter():
 def test_fused_4bit_op_oracle(backend, dev, dtype, shape, p):
     if dtype == torch.bfloat16 and backend == "triton" and dev == "cpu":
         pytest.skip("the Triton interpreter mishandles bfloat16; bf16 runs on the GPU")
+    _check_4bit_op(backend, dev, dtype, shape, p)
+
+
+@pytest.mark.skipif(not INTERP, reason="sets the interpreter's tile")
+@pytest.mark.parametrize("shape", [(9, 256, 200, 8), (3, 128, 64, 4)])
+def test_fused_4bit_wide_tiles_interpreter(monkeypatch, shape):
+    # 128-wide tiles span two absmax blocks per row of W (the vector dequantiser's broadcast path),
+    # forward (B = Wᵀ) and dx (B = W); N = 200 also wraps the last column tile.
+    from lora_kernels.triton import configs
+    monkeypatch.setattr(configs, "INTERPRET_GEMM", {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 4})
+    _check_4bit_op("triton", "cpu", torch.float32, shape, 0.2)
+
+
+def _check_4bit_op(backend, dev, dtype, shape, p):
     M, K, N, r = shape
     q = nf4.quantize_nf4(torch.randn(N, K, device=dev) / K**0.5)
     w = nf4.dequantize_nf4(q, dtype)                 # the oracle's W: the dequantised weight
@@ -182,3 +196,15 @@ def test_module_4bit_storage_follows_to_and_state_dict():
     assert {"packed", "absmax", "absmax2", "code2"} <= set(m.state_dict())
     m2 = m.to(torch.device("meta"))
     assert m2.qweight.packed.device.type == "meta" and m2.qweight.absmax2.device.type == "meta"
+
+
+def test_eager_fast_path_equals_registered_ops_4bit(monkeypatch):
+    # As for lora_linear: eager calls skip the custom-op layer; results and gradients must be bit-identical.
+    from lora_kernels import nf4 as nf4_mod
+    q = nf4.quantize_nf4(torch.randn(24, 64) / 8)
+    x, a, b, bias = torch.randn(5, 64), torch.randn(4, 64) / 8, torch.randn(24, 4), torch.randn(24)
+
+    check_eager_path_matches_ops(
+        monkeypatch, nf4_mod,
+        lambda xx, aa, bb, bi: nf4.lora4_linear(xx, q, aa, bb, 0.5, bi, dropout_p=0.3, backend="torch"),
+        (x, a, b, bias), "_EagerLoRA4Backward")

@@ -6,7 +6,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import ops
-from helpers import make_inputs, oracle_check
+from helpers import check_eager_path_matches_ops, make_inputs, oracle_check
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -117,3 +117,14 @@ def test_compile_fullgraph_equals_eager(compile_backend):
     torch.testing.assert_close(out, eager)
     for le, lc in zip(leaves, leaves_c):
         torch.testing.assert_close(lc.grad, le.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eager_fast_path_equals_registered_ops(monkeypatch, backend):
+    # Eager calls skip the custom-op layer (host time); results and gradients must be bit-identical to the ops'.
+    x, w, a, b, bias = make_inputs(13, 40, 24, 4, torch.float32, bias=True)
+
+    check_eager_path_matches_ops(
+        monkeypatch, ops,
+        lambda xx, aa, bb, bi: lk.lora_linear(xx, w, aa, bb, 1.5, bi, dropout_p=0.25, backend=backend),
+        (x, a, b, bias), "_EagerLoRABackward")

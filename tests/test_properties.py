@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from helpers import make_inputs, oracle_check
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
+# Derandomised: the same examples on every run, so a CI result is reproducible (a failure seen once is seen again).
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 def _case(draw, dtypes, max_dim):
@@ -21,11 +22,11 @@ def _case(draw, dtypes, max_dim):
 
 
 def _run(c, backend):
-    if backend != "torch":
-        # When rows, N or K times r is below ~8, a gradient hinges on a few roundings and "2x the composite's error" is
-        # a coin flip, not a property; the fixed-shape tests in test_ops.py cover those shapes.
-        rows = c["M"] * (3 if c["layout"] == "3d" else 1)
-        assume(min(rows, c["N"], c["K"]) * c["r"] >= 8)
+    # When rows, N or K times r is below ~8, a gradient hinges on a few roundings and "2x the composite's error" is
+    # a coin flip, not a property (seen for the reference backend too: M = 1, r = 1, float32 dA at 6x the
+    # composite's error of 4e-6); the fixed-shape tests in test_ops.py cover those shapes.
+    rows = c["M"] * (3 if c["layout"] == "3d" else 1)
+    assume(min(rows, c["N"], c["K"]) * c["r"] >= 8)
     inputs = make_inputs(c["M"], c["K"], c["N"], c["r"], c["dtype"], bias=c["bias"],
                          noncontig=c["layout"] == "noncontig", x_3d=c["layout"] == "3d",
                          adapter_dtype=torch.float32 if c["fp32_adapters"] else None)

@@ -40,16 +40,26 @@ def main(argv=None) -> int:
     from . import gpu, report
     rows, meta = gpu.run(args.quick, [m for m in args.modes if m in ("forward", "train", "merge")],
                          args.providers, log=print, progress=_progress)
+    curves = None
+
+    def extra_mode(name, fn):
+        # One mode failing must not lose the figures of the others: say what broke and go on.
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            print(f"mode {name} failed: {type(e).__name__}: {str(e)[:300]}")
+            return []
     if "multi" in args.modes:
         from . import multi
-        rows += [dict(r, **meta) for r in multi.run(log=print)]
+        rows += [dict(r, **meta) for r in extra_mode("multi", lambda: multi.run(log=print))]
     if "nf4" in args.modes:
         from . import nf4_bench
-        rows += [dict(r, **meta) for r in nf4_bench.run(log=print)]
-    curves = None
+        rows += [dict(r, **meta) for r in extra_mode("nf4", lambda: nf4_bench.run(log=print))]
     if "e2e" in args.modes:
         from . import e2e
-        e2e_rows, curves = e2e.run(log=print, steps_curve=50 if args.quick else 200)
+        e2e_rows, curves = extra_mode("e2e", lambda: e2e.run(log=print, steps_curve=50 if args.quick else 200,
+                                                           compiled=not args.quick)) \
+            or ([], None)
         rows += [dict(r, **meta, floor_ms=None) for r in e2e_rows]
     base = report.write_all(rows, meta, args.out)
     if curves:

@@ -89,11 +89,12 @@ def loss_curves(steps=200, batch=2, seq=2048, config=None, device="cuda", dtype=
     return curves
 
 
-def run(log=print, steps_curve=200, config=None):
-    rows = [measure("peft", False, False, config=config, log=log),
-            measure("peft_compile", False, True, config=config, log=log),
-            measure("patched", True, False, config=config, log=log),
-            measure("patched_compile", True, True, config=config, log=log)]
+def run(log=print, steps_curve=200, config=None, compiled=True):
+    """compiled=False (the bench's --quick) leaves out the two torch.compile variants, which take minutes."""
+    variants = [("peft", False, False), ("peft_compile", False, True), ("patched", True, False),
+                ("patched_compile", True, True)]
+    rows = [measure(name, patched, comp, config=config, log=log)
+            for name, patched, comp in variants if compiled or not comp]
     base = rows[0]["p50_ms"]
     for row in rows:
         row["ratio"] = row["p50_ms"] / base

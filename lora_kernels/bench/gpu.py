@@ -51,7 +51,8 @@ def floor_ms(mode, M, K, N, r, ceil):
     return max(flops / fl, byts / bw) * 1e3
 
 
-def _time(fn, M, grads=None):
+def time_fn(fn, M, grads=None):
+    """(p20, p50, p80) ms and how: CUDA-graph replay for M <= 64 (decode, as servers run it), else events."""
     q = [0.2, 0.5, 0.8]
     if M <= 64:
         # Decode: launch overheads dominate eager timing; replay a CUDA graph as servers do.
@@ -94,7 +95,7 @@ def bench_linear(mode, M, K, N, r, dtype, dropout_p, names, log):
             if mode == "forward":
                 with torch.no_grad():
                     fwd(pb.x)
-                    (p20, p50, p80), how = _time(lambda: fwd(pb.x), M)
+                    (p20, p50, p80), how = time_fn(lambda: fwd(pb.x), M)
                 peak = None
             else:
                 x = pb.x.clone().requires_grad_()

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-from triton.testing import do_bench
 
 import lora_kernels as lk
 from . import providers as P
+from .gpu import time_fn
 
 CASES = [(64, 64), (64, 1), (8192, 16), (8192, 1)]     # (rows, distinct adapters)
 
@@ -40,10 +40,10 @@ def run(K=4096, N=4096, r=16, dtype=torch.bfloat16, log=print):
         for name, fn in fns.items():
             with torch.no_grad():
                 fn()
-                p20, p50, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+                (p20, p50, p80), how = time_fn(fn, M)
             rows_out.append(dict(op="multi_lora", provider=name, mode="multi", M=M, K=K, N=N, r=r, adapters=S,
                                  dtype=str(dtype).replace("torch.", ""), p20_ms=p20, p50_ms=p50, p80_ms=p80,
-                                 act_mib=None, timing="events", dropout=0.0))
+                                 act_mib=None, timing=how, dropout=0.0))
     base = {(row["M"], row["adapters"]): row["p50_ms"] for row in rows_out if row["provider"] == "base"}
     one = {row["M"]: row["p50_ms"] for row in rows_out if row["provider"] == "triton" and row["adapters"] == 1}
     for row in rows_out:

@@ -26,6 +26,10 @@ GEMM_CONFIGS = [
     _cfg(128, 128, 64, 4, 4),
     _cfg(128, 128, 64, 8, 4),
     _cfg(64, 128, 64, 4, 4),
+    # 16-column tiles: 256 programs over N = 4096 instead of 128, twice the loads in flight for decode
+    # (the 32-column tile streamed W at 1.2 TB/s on an H100, bench/NOTES.md).
+    _cfg(16, 16, 256, 4, 4),
+    _cfg(16, 16, 512, 4, 3),
     _cfg(16, 32, 256, 4, 4),
     _cfg(16, 64, 128, 4, 5),
     _cfg(32, 64, 128, 4, 4),
@@ -36,11 +40,63 @@ GEMM_CONFIGS = [
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
+def tune_bench(fn, quantiles):
+    # Shorter than Triton's default (25 ms warm-up, 100 ms timing per config): a few ms tell these tiles
+    # apart. LORA_KERNELS_QUICK_TUNE=1 (the GPU tests) skips tuning (see prune_gemm_configs).
+    warmup, rep = (1, 3) if os.environ.get("LORA_KERNELS_QUICK_TUNE") == "1" else (10, 40)
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles)
+
+
+def _smem_limit() -> int:
+    import torch
+    if not torch.cuda.is_available():
+        return 227 * 1024  # Hopper's opt-in limit; only the interpreter runs without a GPU
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool, nf4: bool) -> int:
+    """Shared memory of one program: the pipelined A and B tiles (the folded Aᵀ tile with FOLD_XA) and
+    the low-rank L and Rt tiles, loaded once. Under NF4 the pipeline holds, per B element, its code byte,
+    its float32 scale and half a packed byte, and the dequantised tile is staged once more (float32).
+    Fitted to Triton's own figures (bench/results/smem-estimate-check-sm90a-20261123.txt)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    b_bytes = (11 * bk * bn) // 2 if nf4 else bk * bn * elem
+    per_stage = bm * bk * elem + b_bytes + (bk * block_r * elem if fold else 0)
+    once = block_r * (bm + bn) * elem
+    if fold:  # the float32 x·Aᵀ accumulator staged for the low-rank dot, and up to two more Aᵀ slices
+        once += bm * block_r * 4 + 2 * bk * block_r * elem
+    if nf4:
+        once += bk * bn * 4
+    return stages * per_stage + once
+
+
+SMEM_MARGIN = 1.1
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
+    """Keep the tiles meant for this M, and lower num_stages (down to 2) until a tile fits in shared
+    memory: float32 operands need twice the bf16 bytes, and a launch past the limit fails outright."""
     mb = named_args["M_BUCKET"]
     big = mb >= 256
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] >= 64) == big or mb in (64, 128)]
-    return kept or configs
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] >= 64) == big or mb in (64, 128)] or list(configs)
+    elem = named_args["a_ptr"].element_size()
+    block_r, fold, nf4 = kwargs.get("BLOCK_R", 16), kwargs.get("FOLD_XA", False), kwargs.get("NF4", False)
+    # The estimate has matched Triton's figure for plain tiles; the margin covers layout scratch that
+    # it does not model (seen: 24 KB more than estimated for a FOLD_XA tile).
+    limit = int(_smem_limit() / SMEM_MARGIN)
+    fitted = []
+    for c in kept:
+        stages = c.num_stages
+        while stages > 2 and gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4) > limit:
+            stages -= 1
+        if gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4) <= limit:
+            fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    if fitted and os.environ.get("LORA_KERNELS_QUICK_TUNE") == "1":
+        return fitted[:1]  # correctness runs: one tile per shape, so one compile instead of one per candidate
+    if fitted:
+        return fitted
+    small = min(configs, key=lambda c: gemm_smem_bytes(c.kwargs, 1, elem, block_r, fold, nf4))
+    return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=1)]
 
 
 def skinny_split(rows: int, cols_blocks: int, sms: int = 132) -> int:
@@ -56,5 +112,6 @@ FOLD_XA_MAX_ROWS = 64
 FOLD_XA_MAX_RANK = 128
 
 
-def fold_xa(m: int, r: int, dropout_on: bool) -> bool:
-    return 0 < m <= FOLD_XA_MAX_ROWS and r <= FOLD_XA_MAX_RANK and not dropout_on
+def fold_xa(m: int, r: int, dropout_on: bool, elem_bytes: int = 2) -> bool:
+    # 16-bit inputs only: with float32 the folded Aᵀ slices leave too little shared memory for a pipeline.
+    return 0 < m <= FOLD_XA_MAX_ROWS and r <= FOLD_XA_MAX_RANK and not dropout_on and elem_bytes == 2

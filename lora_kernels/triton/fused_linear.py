@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import keep_mask, load_seed
+from .nf4_tile import NF4B, NF4Operand, dequant_rows, nf4_layout
 
 
 @triton.jit
@@ -46,7 +47,8 @@ def _gemm_lowrank_kernel(
     stride_lm, stride_lr, stride_rr, stride_rn, stride_rs, stride_fak, stride_far,
     scale, threshold, keep_scale,
     HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr, MULTI: tl.constexpr,
-    NF4: tl.constexpr, FOLD_XA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NF4: tl.constexpr, NF4_LAYOUT: tl.constexpr, FOLD_XA: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -62,7 +64,8 @@ def _gemm_lowrank_kernel(
 
     NF4: B is a 4-bit weight dequantised tile by tile in the main loop: b_ptr holds two codes per byte (high
     nibble first), stride_bk/stride_bn are element strides into the flat weight, absmax_ptr one float32
-    per 64-element block, code_ptr the 16 NF4 values.
+    per 64-element block, code_ptr the 16 NF4 values. NF4_LAYOUT 1 (B = Wᵀ) and 2 (B = W) dequantise whole
+    rows of W with vector loads (row length a multiple of 64); 0 gathers byte and absmax per element.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -121,7 +124,16 @@ def _gemm_lowrank_kernel(
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
-        if NF4:
+        if NF4 and NF4_LAYOUT == 1:
+            # B = Wᵀ: the tile's columns are rows of W, its K range a run of packed bytes in each
+            b = tl.trans(dequant_rows(b_ptr, absmax_ptr, code_ptr, rn, rn >= 0, k * BLOCK_K, stride_bn,
+                                      BLOCK_N, BLOCK_K)).to(DT)
+        elif NF4 and NF4_LAYOUT == 2:
+            # B = W (dx): the tile's rows are rows of W
+            kk = k * BLOCK_K + rk
+            b = dequant_rows(b_ptr, absmax_ptr, code_ptr, kk, kk < K, pid_n * BLOCK_N, stride_bk,
+                             BLOCK_K, BLOCK_N).to(DT)
+        elif NF4:
             kk = k * BLOCK_K + rk
             flat = kk.to(tl.int64)[:, None] * stride_bk + rn[None, :] * stride_bn
             byte = tl.load(b_ptr + flat // 2, mask=kk[:, None] < K, other=0)
@@ -156,8 +168,11 @@ def _gemm_lowrank_kernel(
 
 
 _gemm_lowrank_tuned = triton.autotune(
-    configs=configs.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-    prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
+    configs=configs.GEMM_CONFIGS,
+    # The flags change the work per tile (and its shared memory), so each variant tunes on its own.
+    key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "LOWRANK_DROPOUT", "MULTI", "NF4", "NF4_LAYOUT", "FOLD_XA",
+         "DOT_PRECISION", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": configs.prune_gemm_configs}, do_bench=configs.tune_bench,
 )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemm_lowrank_kernel))
 
 
@@ -307,32 +322,6 @@ class Multi:
         self.perm, self.slots, self.scalings = perm, slots, scalings
 
 
-class NF4B:
-    """B as a 4-bit weight: packed codes, float32 absmax per 64 elements, the NF4 table, and B's logical
-    shape (K, N) with element strides into the flat weight."""
-
-    def __init__(self, packed, absmax, code, shape, strides):
-        self.packed, self.absmax, self.code, self.shape, self.strides = packed, absmax, code, shape, strides
-
-    def stride(self, i):
-        return self.strides[i]
-
-
-class NF4Operand:
-    """A 4-bit weight W (N×K) as the kernels' B operand: .t() for x·Wᵀ (forward), .plain() for dy·W (dx)."""
-
-    def __init__(self, packed, absmax, code, N, K):
-        self.packed, self.absmax, self.code, self.shape = packed, absmax, code, (N, K)
-
-    def t(self):
-        N, K = self.shape
-        return NF4B(self.packed, self.absmax, self.code, (K, N), (1, K))
-
-    def plain(self):
-        N, K = self.shape
-        return NF4B(self.packed, self.absmax, self.code, (N, K), (K, 1))
-
-
 def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None, dropout=None, multi=None,
                  fold_a=None, allow_tf32=False):
     """out (M×N) = a (M×K) · b (K×N) + (s·low_l) (M×R) · low_r (R×N) + bias; b and low_r may be strided views.
@@ -362,7 +351,8 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
             s, dropout.threshold, dropout.keep_scale)
     fold = fold_a is not None
     flags = dict(HAS_BIAS=bias is not None, SCALE_FROM_PTR=s_from_ptr, LOWRANK_DROPOUT=dropout.on,
-                 MULTI=multi is not None, NF4=nf4, FOLD_XA=fold, DOT_PRECISION=_precision(a.dtype, allow_tf32),
+                 MULTI=multi is not None, NF4=nf4, NF4_LAYOUT=nf4_layout(b) if nf4 else 0, FOLD_XA=fold,
+                 DOT_PRECISION=_precision(a.dtype, allow_tf32),
                  BLOCK_R=max(16, triton.next_power_of_2(R)) if fold else _block_r(R))
     if M == 0 or N == 0:
         return out
@@ -373,8 +363,20 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _gemm_lowrank_tuned[grid](*args, **flags)
+        key = (a.device.index, configs.m_bucket(M), N, K, R, a.dtype, b_ptr.dtype, out.dtype, low_l.dtype,
+               low_r.dtype, *flags.values())
+        cfg = _tuned_configs.get(key)
+        if cfg is None:
+            _gemm_lowrank_tuned[grid](*args, **flags)
+            _tuned_configs[key] = _gemm_lowrank_tuned.best_config
+        else:
+            # The autotuner's per-call bookkeeping (its key over every argument, the heuristics layer)
+            # costs host time on each launch; once a shape is tuned, launch the chosen tile directly.
+            _gemm_lowrank_kernel[grid](*args, **flags, EVEN_K=K % cfg.kwargs["BLOCK_K"] == 0, **cfg.all_kwargs())
     return out
+
+
+_tuned_configs: dict = {}
 
 
 def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, multi=None, allow_tf32=False):
@@ -450,7 +452,7 @@ def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, se
     """Returns (y, xa) with xa = dropout(x)·Aᵀ in float32, saved for backward."""
     drop = Dropout(seed, dropout_p)
     y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
-    if configs.fold_xa(x2d.shape[0], lora_A.shape[0], drop.on):
+    if configs.fold_xa(x2d.shape[0], lora_A.shape[0], drop.on, x2d.element_size()):
         # Small M: x·Aᵀ rides along in the GEMM's main loop (one launch, x read once).
         xa = torch.empty((x2d.shape[0], lora_A.shape[0]), device=x2d.device, dtype=torch.float32)
         gemm_lowrank(x2d, weight.t(), xa, lora_B.t(), y, bias=bias, scale=scaling, scale_t=scaling_t,

@@ -22,14 +22,15 @@ def _merge_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
+    # W's tile is loaded first so that its trip to memory overlaps the loads of A, B and the product.
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    ok = (rn[:, None] < N) & (rk[None, :] < K)
+    w = tl.load(w_ptrs, mask=ok, other=0.0)
     b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
                 mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(tl.float32)
     a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :],
                 mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0).to(tl.float32)
     delta = tl.dot(b, a, input_precision="ieee") * scale
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    ok = (rn[:, None] < N) & (rk[None, :] < K)
-    w = tl.load(w_ptrs, mask=ok, other=0.0)
     if UNMERGE:
         target = w.to(INT_TY, bitcast=True)
         base = (w.to(tl.float32) - delta).to(w.dtype)

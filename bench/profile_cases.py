@@ -1,0 +1,84 @@
+"""Per-kernel GPU time of a few representative calls (torch.profiler), to see where a slow case spends it,
+and the wall time per call when calls are issued back to back: wall well above GPU time means the host
+(Python, dispatch, launches) is the limit, not the kernels.
+
+python3 bench/profile_cases.py  -> per case: GPU and wall microseconds per call, then the top kernels."""
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import lora_kernels as lk
+from lora_kernels import nf4
+
+
+def _profile(name, fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    gpu_us = sum(e.device_time_total for e in events) / reps
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps * 5):
+        fn()
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) / (reps * 5) * 1e6
+    print(f"== {name}: GPU {gpu_us:.1f} us, wall {wall_us:.1f} us per call")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:6]:
+        print(f"   {e.device_time_total / reps:9.1f} us  x{e.count // reps:<3d} {e.key[:90]}")
+
+
+def _guard(name, fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - report the case and go on to the others
+        print(f"== {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+
+
+def main():
+    torch.manual_seed(0)
+    K = N = 4096
+    r = 16
+    dev, dt = "cuda", torch.bfloat16
+    w = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
+    a = (torch.randn(r, K, device=dev) / K**0.5).to(dt).requires_grad_()
+    b = (torch.randn(N, r, device=dev) / r**0.5).to(dt).requires_grad_()
+    for M in (1, 16, 64, 2048, 8192):
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        with torch.no_grad():
+            _profile(f"cublas x@Wt M={M}", lambda: x @ w.t())
+            for be in ("triton", "cuda"):
+                _profile(f"{be} forward M={M}", lambda: lk.lora_linear(x, w, a, b, 2.0, backend=be))
+    for M in (2048, 8192):
+        x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(M, N, device=dev, dtype=dt)
+        _profile(f"cublas train M={M}", lambda: (x @ w.t()).backward(dy))
+        for be, p in (("triton", 0.0), ("triton", 0.05), ("cuda", 0.0)):
+            _profile(f"{be} train M={M} p={p}",
+                     lambda: lk.lora_linear(x, w, a, b, 2.0, dropout_p=p, backend=be).backward(dy))
+    layer = nf4.FusedLoRALinear4bit.from_linear(nn.Linear(K, N, bias=False, device=dev, dtype=dt), r=r,
+                                                lora_alpha=2 * r, backend="triton")
+    for M in (1, 8192):
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        with torch.no_grad():
+            _guard("nf4", lambda: _profile(f"nf4 triton M={M}", lambda: layer(x)))
+    bank = lk.LoRAAdapterBank(K, N, max_adapters=64, max_rank=r, bias=False, device=dev, dtype=dt)
+    for s in range(64):
+        bank.load_adapter(f"a{s}", torch.randn(r, K, device=dev) / K**0.5, torch.randn(N, r, device=dev),
+                          lora_alpha=2 * r)
+    for M, S in ((64, 64), (8192, 16)):
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        ids = (torch.arange(M, device=dev) % S).to(torch.int32)
+        with torch.no_grad():
+            _profile(f"multi M={M} adapters={S}", lambda: lk.multi_lora_linear(
+                x, bank.weight, bank.lora_A, bank.lora_B, bank.scalings, ids, backend="triton", check_ids=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""NF4 dequantisation of a weight tile with vector loads, for the GEMM main loop.
+
+W (rows × row_len) is stored row-major as 4-bit codes, two per byte (high nibble first), with one float32
+absmax per 64 consecutive elements. When row_len is a multiple of 64, a tile of whole rows needs one load of
+packed bytes per two elements and one absmax per 64 elements of a row, instead of a gather of the byte and of
+the absmax for every element. The 16-entry code table is still looked up per element (an L1-resident gather).
+Also here: the host-side views of a 4-bit W as the GEMM's B operand, and the choice of layout.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dequant_rows(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
+                 ROWS: tl.constexpr, COLS: tl.constexpr):
+    """float32 (ROWS, COLS): W[rows, c0 : c0 + COLS], columns wrapped modulo row_len (row_len % 64 == 0;
+    c0 a multiple of COLS, COLS a power of two). Rows outside row_ok read row 0 and must be masked by the
+    caller's use (their values are finite)."""
+    rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    pairs = (c0 // 2 + tl.arange(0, COLS // 2)) % (row_len // 2)
+    byte = tl.load(b_ptr + rows[:, None] * (row_len // 2) + pairs[None, :])
+    codes = tl.interleave((byte >> 4).to(tl.int32), (byte & 15).to(tl.int32))
+    vals = tl.load(code_ptr + codes)
+    blocks_per_row = row_len // 64
+    if COLS <= 64:
+        # the tile's columns lie in one 64-element block (wrapped columns are masked by the caller)
+        am = tl.load(absmax_ptr + rows * blocks_per_row + (c0 % row_len) // 64)
+        return vals * am[:, None]
+    else:
+        GROUPS: tl.constexpr = COLS // 64
+        g = (c0 // 64 + tl.arange(0, GROUPS)) % blocks_per_row
+        am = tl.load(absmax_ptr + rows[:, None] * blocks_per_row + g[None, :])
+        am = tl.reshape(tl.broadcast_to(am[:, :, None], (ROWS, GROUPS, 64)), (ROWS, COLS))
+        return vals * am
+
+
+class NF4B:
+    """B as a 4-bit weight: packed codes, float32 absmax per 64 elements, the NF4 table, and B's logical
+    shape (K, N) with element strides into the flat weight."""
+
+    def __init__(self, packed, absmax, code, shape, strides):
+        self.packed, self.absmax, self.code, self.shape, self.strides = packed, absmax, code, shape, strides
+
+    def stride(self, i):
+        return self.strides[i]
+
+
+class NF4Operand:
+    """A 4-bit weight W (N×K) as the kernels' B operand: .t() for x·Wᵀ (forward), .plain() for dy·W (dx)."""
+
+    def __init__(self, packed, absmax, code, N, K):
+        self.packed, self.absmax, self.code, self.shape = packed, absmax, code, (N, K)
+
+    def t(self):
+        N, K = self.shape
+        return NF4B(self.packed, self.absmax, self.code, (K, N), (1, K))
+
+    def plain(self):
+        N, K = self.shape
+        return NF4B(self.packed, self.absmax, self.code, (N, K), (K, 1))
+
+
+def nf4_layout(b) -> int:
+    """1: B = Wᵀ (W's rows are B's columns), 2: B = W; either when W's row length is a multiple of 64,
+    so that each absmax block lies inside one row. 0: the per-element gather."""
+    if b.stride(0) == 1 and b.stride(1) % 64 == 0:
+        return 1
+    if b.stride(1) == 1 and b.stride(0) % 64 == 0:
+        return 2
+    return 0
