@@ -64,8 +64,13 @@ def _worker(rank, world, port, mode, device, out):
         dist.all_gather(losses, loss.detach())
         if rank == 0:
             torch.save({"grads": {k: v.cpu() for k, v in grads.items()}, "loss": torch.stack(losses).mean().cpu()}, out)
+        dist.barrier()  # neither rank tears down while the other may still be in a collective
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalization: FSDP2's device mesh keeps the gloo group (and its worker threads' pending
+    # work) alive past destroy_process_group, and tearing that down during finalization can abort the process.
+    # The result is already on disk, so a hard exit loses nothing; a failure above still raises as usual.
+    os._exit(0)
 
 
 def _free_port():
