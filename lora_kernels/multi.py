@@ -37,32 +37,72 @@ def _(x, weight, lora_A, lora_B, scalings, bias, adapter_ids, backend, allow_tf3
 
 @torch.library.custom_op("lora_kernels::multi_lora_bwd", mutates_args=())
 def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
-                   scalings: Tensor, adapter_ids: Tensor, need_dx: bool, need_dbias: bool
+                   scalings: Tensor, adapter_ids: Tensor, need_dx: bool, need_dbias: bool, backend: str
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward of the mixed batch (reference math, one pass per slot present): no fused kernel yet."""
-    dx, dA, dB, dbias = reference.multi_lora_backward(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids,
-                                                      need_dx, need_dbias)
+    """Backward of the mixed batch: the reference's slot loop for backend 'torch', else slot-blocked GEMMs."""
+    fn = reference.multi_lora_backward if backend == "torch" else slot_blocked_backward
+    dx, dA, dB, dbias = fn(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, need_dx, need_dbias)
     # two distinct empties: custom-op outputs may not alias each other
     return (dx if dx is not None else dy.new_empty((0,)), dA, dB, dbias if dbias is not None else dy.new_empty((0,)))
 
 
 @multi_lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, need_dx, need_dbias):
+def _(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, need_dx, need_dbias, backend):
     return (x.new_empty(x.shape) if need_dx else dy.new_empty((0,)), lora_A.new_empty(lora_A.shape),
             lora_B.new_empty(lora_B.shape), dy.new_empty((dy.shape[1],)) if need_dbias else dy.new_empty((0,)))
+
+
+# Columns (slots x rank) handled per dense GEMM in slot_blocked_backward: bounds its (rows, columns) temporaries.
+BLOCK_COLUMNS = 1024
+# Above this many slot columns in all, the blocked GEMMs' wasted work on slots a batch does not use outweighs
+# the slot loop's host syncs and small launches, so the slot loop serves.
+MAX_BLOCKED_COLUMNS = 2048
+
+
+def slot_blocked_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, need_dx, need_dbias):
+    """The mixed batch's gradients without a loop over the slots present and without a host sync.
+
+    For a block of slots, row m's low-rank terms sit in its own slot's R columns of an (M, slots·R) matrix,
+    zeros elsewhere, so each gradient is one dense GEMM over the stacked adapters: G = s·dy·B[id] masked to
+    its slot, dA = Gᵀ·x, dB = dyᵀ·xa masked (times s), dx += G·A. The zeros cost 2·M·(N+K)·R FLOPs per
+    slot not in the batch, hence the MAX_BLOCKED_COLUMNS bound (the slot loop above it)."""
+    S, R, K = lora_A.shape
+    if S * R > MAX_BLOCKED_COLUMNS:
+        return reference.multi_lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, need_dx,
+                                             need_dbias)
+    dt, N = dy.dtype, lora_B.shape[1]
+    dA = torch.empty(lora_A.shape, device=dy.device, dtype=dt)
+    dB = torch.empty(lora_B.shape, device=dy.device, dtype=dt)
+    dx = dy @ weight if need_dx else None
+    ids = ids.to(torch.int64)
+    per = max(1, BLOCK_COLUMNS // R)
+    for s0 in range(0, S, per):                         # a loop over shapes only: no data-dependent control
+        n = min(per, S - s0)
+        own = (ids.unsqueeze(1) == torch.arange(s0, s0 + n, device=dy.device)).to(dt)        # (M, n)
+        scale = scalings[s0:s0 + n].to(dt)
+        g = (dy @ lora_B[s0:s0 + n].to(dt).permute(1, 0, 2).reshape(N, n * R))
+        g = g * (own * scale).repeat_interleave(R, dim=1)                                    # (M, n·R)
+        dA[s0:s0 + n] = (g.t() @ x2d).view(n, R, K)
+        xa_own = xa.to(dt).repeat(1, n) * own.repeat_interleave(R, dim=1)
+        dB[s0:s0 + n] = (dy.t() @ xa_own).view(N, n, R).permute(1, 0, 2) * scale.view(n, 1, 1)
+        if need_dx:
+            dx.addmm_(g, lora_A[s0:s0 + n].to(dt).reshape(n * R, K))
+    dbias = dy.sum(0) if need_dbias else None
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias
 
 
 def _setup(ctx, inputs, output):
     x, weight, lora_A, lora_B, scalings, bias, adapter_ids, backend, allow_tf32, check_ids = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, adapter_ids)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.backend = backend
 
 
 def _backward(ctx, dy, _dxa):
     x, weight, lora_A, lora_B, xa, scalings, ids = ctx.saved_tensors
     need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
     dx, dA, dB, dbias = multi_lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, xa, scalings, ids,
-                                       need_dx, need_dbias)
+                                       need_dx, need_dbias, ctx.backend)
     return (dx if need_dx else None, None, dA, dB, None, dbias.to(ctx.bias_dtype) if need_dbias else None,
             None, None, None, None)
 

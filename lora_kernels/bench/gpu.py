@@ -51,10 +51,11 @@ def floor_ms(mode, M, K, N, r, ceil):
     return max(flops / fl, byts / bw) * 1e3
 
 
-def time_fn(fn, M, grads=None):
-    """(p20, p50, p80) ms and how: CUDA-graph replay for M <= 64 (decode, as servers run it), else events."""
+def time_fn(fn, M, grads=None, graphs=True):
+    """(p20, p50, p80) ms and how: CUDA-graph replay for M <= 64 (decode, as servers run it), else events.
+    graphs=False: events at every M (training steps, whose code may sync with the host)."""
     q = [0.2, 0.5, 0.8]
-    if M <= 64:
+    if M <= 64 and graphs:
         # Decode: launch overheads dominate eager timing; replay a CUDA graph as servers do.
         for _ in range(3):
             fn()

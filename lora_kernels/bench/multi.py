@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 import lora_kernels as lk
+from lora_kernels import multi
+
 from . import providers as P
 from .gpu import time_fn
 
@@ -44,12 +46,52 @@ def run(K=4096, N=4096, r=16, dtype=torch.bfloat16, log=print):
             rows_out.append(dict(op="multi_lora", provider=name, mode="multi", M=M, K=K, N=N, r=r, adapters=S,
                                  dtype=str(dtype).replace("torch.", ""), p20_ms=p20, p50_ms=p50, p80_ms=p80,
                                  act_mib=None, timing=how, dropout=0.0))
+        rows_out += _train_rows(bank, x, ids, M, S, dtype, log)
     base = {(row["M"], row["adapters"]): row["p50_ms"] for row in rows_out if row["provider"] == "base"}
     one = {row["M"]: row["p50_ms"] for row in rows_out if row["provider"] == "triton" and row["adapters"] == 1}
     for row in rows_out:
+        if row["mode"] != "multi":
+            continue
         row["ratio"] = row["p50_ms"] / base[(row["M"], row["adapters"])]
         row["ratio_vs_one_adapter"] = row["p50_ms"] / one[row["M"]] if row["provider"] == "triton" else None
         log(f"  multi M={row['M']:5d} adapters={row['adapters']:3d} {row['provider']:11s} {row['p50_ms']:.4f} ms "
             f"ratio {row['ratio']:.3f}" + (f" vs one adapter {row['ratio_vs_one_adapter']:.3f}"
                                            if row["ratio_vs_one_adapter"] else ""))
     return rows_out
+
+
+def _train_rows(bank, x, ids, M, S, dtype, log):
+    """Training step through a mixed batch (forward + backward, x needing its gradient), its backward once as
+    slot-blocked GEMMs and once as the loop over the slots present; ratio to base forward + dx in the same run."""
+    K, N, r = bank.in_features, bank.out_features, bank.max_rank
+    xg = x.detach().clone().requires_grad_()
+    A, B = bank.lora_A.detach().clone().requires_grad_(), bank.lora_B.detach().clone().requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=dtype)
+    w = bank.weight
+
+    def base():
+        (xg @ w.t()).backward(dy)
+
+    def step():
+        lk.multi_lora_linear(xg, w, A, B, bank.scalings, ids, backend="triton", check_ids=False).backward(dy)
+
+    def step_slot_loop():
+        limit = multi.MAX_BLOCKED_COLUMNS
+        multi.MAX_BLOCKED_COLUMNS = 0
+        try:
+            step()
+        finally:
+            multi.MAX_BLOCKED_COLUMNS = limit
+
+    out = []
+    for name, fn in (("base_train", base), ("triton_train", step), ("triton_train_slot_loop", step_slot_loop)):
+        fn()
+        (p20, p50, p80), how = time_fn(fn, M, grads=[xg, A, B], graphs=False)
+        out.append(dict(op="multi_lora", provider=name, mode="multi_train", M=M, K=K, N=N, r=r, adapters=S,
+                        dtype=str(dtype).replace("torch.", ""), p20_ms=p20, p50_ms=p50, p80_ms=p80, act_mib=None,
+                        timing=how, dropout=0.0, ratio_vs_one_adapter=None))
+    for row in out:
+        row["ratio"] = row["p50_ms"] / out[0]["p50_ms"]
+        log(f"  multi train M={M:5d} adapters={S:3d} {row['provider']:22s} {row['p50_ms']:.4f} ms "
+            f"ratio {row['ratio']:.3f}")
+    return out

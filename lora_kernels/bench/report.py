@@ -24,7 +24,7 @@ def markdown(rows, meta) -> str:
     present = [p for p in order if any(r["provider"] == p for r in rows)]
     groups = OrderedDict()
     for r in rows:
-        if r["mode"] in ("multi", "e2e", "nf4"):
+        if r["mode"] in ("multi", "multi_train", "e2e", "nf4"):
             continue
         groups.setdefault((r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"]), {})[r["provider"]] = r
     out = [f"GPU {meta['gpu']} · torch {meta['torch']} · triton {meta['triton']} · git {meta['sha']} · "
@@ -49,11 +49,11 @@ def markdown(rows, meta) -> str:
         out.append(f"| {mode} | {shape} | {rank} | {p:g} | {base['p50_ms']:.4f} | " + " | ".join(cells) +
                    f" | {fl / base['p50_ms']:.3f} | " + (f"{min(ours) / fl:.2f}" if ours else "–") +
                    f" | {acts} |")
-    multi = [r for r in rows if r["mode"] == "multi"]
+    multi = [r for r in rows if r["mode"] in ("multi", "multi_train")]
     if multi:
         out += ["", "Mixed-adapter batches (K×N = " + f"{multi[0]['K']}×{multi[0]['N']}, r={multi[0]['r']}): "
-                "time / cuBLAS x@Wᵀ of the same rows; `vs one adapter` = our time over our time for the same rows "
-                "on a single adapter.", "",
+                "time / cuBLAS x@Wᵀ of the same rows (`*_train`: forward + backward over base forward + dx); "
+                "`vs one adapter` = our time over our time for the same rows on a single adapter.", "",
                 "| rows | adapters | provider | ms | ratio | vs one adapter |", "|---|---|---|---|---|---|"]
         for r in multi:
             v = f"{r['ratio_vs_one_adapter']:.3f}" if r.get("ratio_vs_one_adapter") else "–"
