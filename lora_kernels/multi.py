@@ -64,7 +64,7 @@ def slot_blocked_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, ne
 
     For a block of slots, row m's low-rank terms sit in its own slot's R columns of an (M, slots·R) matrix,
     zeros elsewhere, so each gradient is one dense GEMM over the stacked adapters: G = s·dy·B[id] masked to
-    its slot, dA = Gᵀ·x, dB = dyᵀ·xa masked (times s), dx += G·A. The zeros cost 2·M·(N+K)·R FLOPs per
+    its slot, dA = Gᵀ·x, dB = dyᵀ·xa masked (times s), dx += G·A. The zeros cost 4·M·(N+K)·R FLOPs per
     slot not in the batch, hence the MAX_BLOCKED_COLUMNS bound (the slot loop above it)."""
     S, R, K = lora_A.shape
     if S * R > MAX_BLOCKED_COLUMNS:
@@ -80,7 +80,7 @@ def slot_blocked_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, ne
         n = min(per, S - s0)
         own = (ids.unsqueeze(1) == torch.arange(s0, s0 + n, device=dy.device)).to(dt)        # (M, n)
         scale = scalings[s0:s0 + n].to(dt)
-        g = (dy @ lora_B[s0:s0 + n].to(dt).permute(1, 0, 2).reshape(N, n * R))
+        g = dy @ lora_B[s0:s0 + n].to(dt).permute(1, 0, 2).reshape(N, n * R)
         g = g * (own * scale).repeat_interleave(R, dim=1)                                    # (M, n·R)
         dA[s0:s0 + n] = (g.t() @ x2d).view(n, R, K)
         xa_own = xa.to(dt).repeat(1, n) * own.repeat_interleave(R, dim=1)
