@@ -25,6 +25,19 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 
+_CODE_ON_DEVICE = {}
+
+
+def code_table(device) -> Tensor:
+    """NF4_CODE on `device`, copied there once: a per-call copy from host memory synchronised the stream on
+    every forward and backward (and cannot be captured in a CUDA graph)."""
+    device = torch.device(device)
+    table = _CODE_ON_DEVICE.get(device)
+    if table is None:
+        table = _CODE_ON_DEVICE[device] = NF4_CODE.to(device)
+    return table
+
+
 def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
     """The 8-bit dynamic (exponent + fraction) code used for double-quantised absmaxes, sorted."""
     values = []
@@ -112,7 +125,7 @@ def dequantize_nf4(qw: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor
     p = qw.packed.reshape(-1)
     codes = torch.stack([p >> 4, p & 15], 1).reshape(-1).long()
     n = math.prod(qw.shape)
-    vals = NF4_CODE.to(p.device)[codes[:n]]
+    vals = code_table(p.device)[codes[:n]]
     scale = qw.block_absmax().to(p.device).repeat_interleave(qw.blocksize)[:n]
     return (vals * scale).reshape(qw.shape).to(dtype or qw.dtype)
 
@@ -140,7 +153,7 @@ def _dequant(packed: Tensor, absmax: Tensor, N: int, K: int, dtype) -> Tensor:
 
 def _operand(packed, absmax, N, K):
     from .triton import NF4Operand
-    return NF4Operand(packed, absmax, NF4_CODE.to(packed.device), N, K)
+    return NF4Operand(packed, absmax, code_table(packed.device), N, K)
 
 
 @torch.library.custom_op("lora_kernels::lora4_fwd", mutates_args=())

@@ -19,6 +19,26 @@ def test_code_tables():
     d = nf4.dynamic_map()
     assert d.numel() == 256 and d.min() < -0.99
     assert (d[1:] >= d[:-1]).all() and d.max() == 1.0 and (d == 0).any()
+    # the kernels' copy of the table is made once per device, not on every call
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = nf4.code_table(dev)
+    assert nf4.code_table(t.device) is t and torch.equal(t.cpu(), c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_forward_and_backward_never_sync_after_warmup(double_quant):
+    layer = lk.FusedLoRALinear4bit.from_linear(torch.nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16),
+                                               r=8, lora_alpha=16, double_quant=double_quant, backend="triton")
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()           # tunes and compiles (those sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
