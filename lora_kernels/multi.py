@@ -39,8 +39,11 @@ def _(x, weight, lora_A, lora_B, scalings, bias, adapter_ids, backend, allow_tf3
 def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
                    scalings: Tensor, adapter_ids: Tensor, need_dx: bool, need_dbias: bool, backend: str
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward of the mixed batch: the reference's slot loop for backend 'torch', else slot-blocked GEMMs."""
-    fn = reference.multi_lora_backward if backend == "torch" else slot_blocked_backward
+    """Backward of the mixed batch: slot-blocked GEMMs for the GPU backends while the bank is small enough,
+    else (and for backend 'torch') the reference's loop over the slots present."""
+    S, R = lora_A.shape[0], lora_A.shape[1]
+    blocked = backend != "torch" and S * R <= MAX_BLOCKED_COLUMNS
+    fn = slot_blocked_backward if blocked else reference.multi_lora_backward
     dx, dA, dB, dbias = fn(dy, x, weight, lora_A, lora_B, xa, scalings, adapter_ids, need_dx, need_dbias)
     # two distinct empties: custom-op outputs may not alias each other
     return (dx if dx is not None else dy.new_empty((0,)), dA, dB, dbias if dbias is not None else dy.new_empty((0,)))
@@ -65,11 +68,8 @@ def slot_blocked_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, ne
     For a block of slots, row m's low-rank terms sit in its own slot's R columns of an (M, slots·R) matrix,
     zeros elsewhere, so each gradient is one dense GEMM over the stacked adapters: G = s·dy·B[id] masked to
     its slot, dA = Gᵀ·x, dB = dyᵀ·xa masked (times s), dx += G·A. The zeros cost 4·M·(N+K)·R FLOPs per
-    slot not in the batch, hence the MAX_BLOCKED_COLUMNS bound (the slot loop above it)."""
+    slot not in the batch, hence the MAX_BLOCKED_COLUMNS bound in multi_lora_bwd (the slot loop above it)."""
     S, R, K = lora_A.shape
-    if S * R > MAX_BLOCKED_COLUMNS:
-        return reference.multi_lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, need_dx,
-                                             need_dbias)
     dt, N = dy.dtype, lora_B.shape[1]
     dA = torch.empty(lora_A.shape, device=dy.device, dtype=dt)
     dB = torch.empty(lora_B.shape, device=dy.device, dtype=dt)
