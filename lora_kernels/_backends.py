@@ -55,21 +55,21 @@ def _check_name(backend):
         raise ValueError(f"backend: expected one of {NAMES}, got {backend!r}")
 
 
-def _require(name: str, t: torch.Tensor):
+def _require(name: str, device_type: str, is_f64: bool):
     """Input problems (device, dtype) raise ValueError/TypeError; a missing build raises RuntimeError."""
     if name == "torch":
         return
-    if t.dtype == torch.float64:
+    if is_f64:
         raise TypeError(f"backend={name!r}: float64 is not supported by the GPU kernels; use backend='torch'")
     if name == "triton":
-        if not (t.is_cuda or _interpreting()):
-            raise ValueError(f"backend='triton': tensors are on {t.device}; the Triton kernels need CUDA tensors "
+        if not (device_type == "cuda" or _interpreting()):
+            raise ValueError(f"backend='triton': tensors are on {device_type}; the Triton kernels need CUDA tensors "
                              "(or TRITON_INTERPRET=1 for the CPU interpreter)")
         if not triton_available():
             raise RuntimeError("backend='triton': triton could not be imported")
     elif name == "cuda":
-        if not t.is_cuda:
-            raise ValueError(f"backend='cuda': tensors are on {t.device}; the CUDA kernels need CUDA tensors")
+        if device_type != "cuda":
+            raise ValueError(f"backend='cuda': tensors are on {device_type}; the CUDA kernels need CUDA tensors")
         if not cuda_ext_available():
             raise RuntimeError("backend='cuda': the compiled extension lora_kernels._C is not built "
                                "(install with nvcc and a CUDA build of torch)")
@@ -79,21 +79,29 @@ def resolve(backend: str, t: torch.Tensor, prefer=("triton", "cuda"), what: str 
             reason: str = "preferred") -> str:
     """The backend that serves `what` for tensors like t: the first available of `prefer` on CUDA tensors,
     the torch reference otherwise. The first choice per device and op family is logged once."""
+    return _choose(backend, t.device.type, str(t.device), t.dtype == torch.float64, prefer, what, reason)
+
+
+# A constant to torch.compile: run as plain Python while tracing, never traced. Tracing it would meet the
+# log call (a graph break in every LoRA layer) and guard on the set of lines already said (recompiles).
+@torch.compiler.assume_constant_result
+def _choose(backend: str, device_type: str, device: str, is_f64: bool, prefer: tuple, what: str,
+            reason: str) -> str:
     _check_name(backend)
     if backend != "auto":
-        _require(backend, t)
+        _require(backend, device_type, is_f64)
         return backend
-    if not t.is_cuda or t.dtype == torch.float64:
-        _once(("torch", what, t.device.type), f"lora_kernels: {what} on {t.device.type} tensors -> torch reference")
+    if device_type != "cuda" or is_f64:
+        _once(("torch", what, device_type), f"lora_kernels: {what} on {device_type} tensors -> torch reference")
         return "torch"
     available = {"triton": triton_available, "cuda": cuda_ext_available}
     for name in prefer:
         if available[name]():
             why = reason if name == prefer[0] else f"{prefer[0]} unavailable"
-            _once((name, what, str(t.device), why), f"lora_kernels: {what} on {t.device} -> {name} backend ({why})")
+            _once((name, what, device, why), f"lora_kernels: {what} on {device} -> {name} backend ({why})")
             return name
-    _once(("slow", what, str(t.device)), f"lora_kernels: neither triton nor the CUDA extension is available on "
-          f"{t.device}; {what} runs the unfused torch reference (slow)", warn=True)
+    _once(("slow", what, device), f"lora_kernels: neither triton nor the CUDA extension is available on "
+          f"{device}; {what} runs the unfused torch reference (slow)", warn=True)
     return "torch"
 
 

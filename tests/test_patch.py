@@ -137,3 +137,23 @@ def test_plain_model_target_modules():
     torch.testing.assert_close(net(x), y)                          # B = 0 at init
     lk.unpatch(net)
     assert type(net.up) is nn.Linear and net.up.weight is w
+
+
+def test_compiled_patched_llama_has_no_graph_breaks_or_recompiles():
+    """torch.compile over a whole patched model: one graph per step, no recompiles after the first call
+    (a break inside each LoRA layer made a compiled 1.1B step 3.3x slower than peft + compile)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    lk._backends._said.clear()                      # the backend-choice log line must not break the graph
+    model = _tiny_llama(dropout=0.1)
+    lk.patch(model)
+    model.train()
+    compiled = torch.compile(model, backend="aot_eager")
+    for seed in range(3):                           # fresh inputs, same shapes: no recompile
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    breaks = dict(counters["graph_break"])
+    assert sum(breaks.values()) == 0, breaks
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
