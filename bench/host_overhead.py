@@ -1,5 +1,8 @@
-"""Host time per call of the op's Python layers, on tiny CPU tensors (the reference backend), so that the
-kernels cost nothing: the eager fast path against the registered custom ops, and a plain x@Wᵀ for scale.
+"""Host time per call of the op's Python and C++ layers, on tiny CPU tensors, so that the kernels cost
+nothing: what a LoRA layer costs the host per training step, next to a plain x@Wᵀ and peft's own layer.
+
+"cuda path" rows run the C++ ops' CPU kernels through exactly the calls the cuda backend makes on a GPU
+(the backend choice is forced, since CPU tensors would otherwise get the reference).
 
 python3 bench/host_overhead.py  -> microseconds per forward and per forward+backward, median of 5 runs."""
 import statistics
@@ -8,7 +11,7 @@ import time
 import torch
 
 import lora_kernels as lk
-from lora_kernels import ops
+from lora_kernels import _backends, ops
 
 
 def _us(fn, n=300):
@@ -23,6 +26,16 @@ def _us(fn, n=300):
     return statistics.median(runs)
 
 
+def _peft_layer(K, N, r, dropout):
+    import peft
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(K, N, bias=False))
+    model = peft.get_peft_model(net, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                                                     target_modules=["proj"]))
+    model.train()
+    return model
+
+
 def main():
     torch.manual_seed(0)
     M, K, N, r = 4, 64, 64, 8
@@ -31,24 +44,42 @@ def main():
     a, b = torch.randn(r, K, requires_grad=True), torch.randn(N, r, requires_grad=True)
     dy = torch.randn(M, N)
 
-    def step():
-        lk.lora_linear(x, w, a, b, 2.0, backend="torch").backward(dy)
+    def step(backend="torch"):
+        return lambda: lk.lora_linear(x, w, a, b, 2.0, backend=backend).backward(dy)
 
     def fwd():
         with torch.no_grad():
             lk.lora_linear(x, w, a, b, 2.0, backend="torch")
 
     rows = [("x@Wt fwd+bwd (torch, for scale)", _us(lambda: (x @ w.t()).backward(dy))),
-            ("lora_linear fwd, eager path", _us(fwd)), ("lora_linear fwd+bwd, eager path", _us(step))]
+            ("lora_linear fwd, eager path", _us(fwd)), ("lora_linear fwd+bwd, eager path", _us(step()))]
     eager = ops._eager
     ops._eager = lambda *t: False
     try:
-        rows += [("lora_linear fwd, custom ops", _us(fwd)), ("lora_linear fwd+bwd, custom ops", _us(step))]
+        rows += [("lora_linear fwd, custom ops", _us(fwd)), ("lora_linear fwd+bwd, custom ops", _us(step()))]
     finally:
         ops._eager = eager
-    print(f"torch {torch.__version__}, CPU tensors {M}x{K} -> {N}, r={r}")
+    resolve = _backends.resolve_linear
+    have_ext = lk.cuda_ext_available()
+    if have_ext:
+        _backends.resolve_linear = lambda *args, **kw: "cuda"
+        rows += [("lora_linear fwd+bwd, cuda path (C++ autograd)", _us(step("auto")))]
+    try:
+        import peft  # noqa: F401
+        for p in (0.0, 0.05):
+            model = _peft_layer(K, N, r, p)
+            xin = x.detach().unsqueeze(0).requires_grad_(True)
+            dyy = dy.unsqueeze(0)
+            rows.append((f"peft LoRA layer fwd+bwd, dropout {p}", _us(lambda: model(xin).backward(dyy))))
+            lk.patch(model)
+            rows.append((f"patched peft layer fwd+bwd, dropout {p}", _us(lambda: model(xin).backward(dyy))))
+    except ImportError:
+        rows.append(("peft not installed", float("nan")))
+    finally:
+        _backends.resolve_linear = resolve
+    print(f"torch {torch.__version__}, CPU tensors {M}x{K} -> {N}, r={r}, C++ extension: {have_ext}")
     for name, us in rows:
-        print(f"{name:40s} {us:8.1f} us")
+        print(f"{name:48s} {us:8.1f} us")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,18 @@ LK_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
+// The row's half of the hash; a kernel computes it once per row, not per element.
+LK_HOST_DEVICE inline uint32_t dropout_row_hash(int64_t seed, int64_t row) {
+  return hash32(static_cast<uint32_t>(row) ^ static_cast<uint32_t>(seed & 0x7FFFFFFF));
+}
+
 // Kept when the top 24 bits of the hash reach the threshold round(p·2^24).
+LK_HOST_DEVICE inline bool dropout_keep_row(uint32_t row_hash, int64_t col, uint32_t threshold) {
+  return (hash32(row_hash ^ static_cast<uint32_t>(col)) >> 8) >= threshold;
+}
+
 LK_HOST_DEVICE inline bool dropout_keep(int64_t seed, int64_t row, int64_t col, uint32_t threshold) {
-  const uint32_t s = static_cast<uint32_t>(seed & 0x7FFFFFFF);
-  const uint32_t h = hash32(hash32(static_cast<uint32_t>(row) ^ s) ^ static_cast<uint32_t>(col));
-  return (h >> 8) >= threshold;
+  return dropout_keep_row(dropout_row_hash(seed, row), col, threshold);
 }
 
 inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(p * 16777216.0 + 0.5); }

@@ -14,6 +14,14 @@ from . import _C  # noqa: F401 - loading registers torch.ops.lora_kernels.{merge
 _ops = torch.ops.lora_kernels
 
 
+def eager_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float):
+    """The whole op, forward and backward, in C++ (csrc/autograd.cpp): the eager path's host time."""
+    return _lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+
+
+_lora_linear = _ops.lora_linear.default
+
+
 def _scaling(scaling, scaling_t):
     # The C++ ops take a float: a tensor scaling costs one device-to-host read here.
     return float(scaling_t) if scaling_t is not None else float(scaling)

@@ -179,6 +179,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
     name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
+    if name == "cuda" and s_t is None and _eager(x, weight, lora_A, lora_B, bias):
+        # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.
+        return _backends.module("cuda").eager_linear(x, weight, lora_A, lora_B, bias, s, float(dropout_p))
     seed = None
     if dropout_p > 0.0:
         seed = draw_seed(x)

@@ -93,3 +93,60 @@ def test_cpu_linear_ops_with_dropout_match_reference():
     ref = reference.lora_backward(dy, x, w, a, b, xa_r, 0.5, None, 0.2, seed, True, True)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def _cpp_lora_linear(x, w, a, b, bias, scaling=0.5, p=0.0):
+    return torch.ops.lora_kernels.lora_linear(x, w, a, b, bias, scaling, p)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["2d", "3d", "noncontig"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpp_autograd_op_oracle(dtype, layout, bias):
+    """The eager C++ path (forward and backward in C++) under the oracle rule, gradients through autograd."""
+    from helpers import _run
+    M, K, N, r = 7, 70, 45, 8
+    x, w, a, b, bb = make_inputs(M, K, N, r, dtype, adapter_dtype=torch.float32, bias=bias,
+                                 x_3d=layout == "3d", noncontig=layout == "noncontig")
+    dy = torch.randn(*x.shape[:-1], N, dtype=torch.float64)
+    got = _run(_cpp_lora_linear, x, w, a, b, bb, dy)
+    def composite(xx, ww, aa, bb_, bias_):
+        return reference.lora_linear(xx, ww, aa, bb_, 0.5, bias_)
+
+    comp = _run(composite, x, w, a, b, bb, dy)
+    exact = _run(composite, x, w, a, b, bb, dy, upcast=torch.float64)
+    assert got[0].shape == x.shape[:-1] + (N,) and got[1].shape == x.shape
+    for name, g, c, e in zip(("y", "dx", "dA", "dB", "dbias"), got, comp, exact):
+        _rule(name, g, c, e)
+    assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
+
+
+@needs_ext
+def test_cpp_autograd_op_dropout_same_seed_and_mask_as_python_path():
+    """Same generator draw as ops.draw_seed: the C++ path and the Python custom ops drop the same elements."""
+    x, w, a, b, bias = make_inputs(19, 70, 45, 8, torch.float32)
+    dy = torch.randn(19, 45)
+    outs = []
+    for fn in (lambda *t: _cpp_lora_linear(*t, 0.5, 0.3),
+               lambda *t: lk.ops.lora_fwd(*t[:4], t[4], 0.5, None, 0.3, lk.ops.draw_seed(t[0]), "cuda", False)[0]):
+        torch.manual_seed(7)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
+        y = fn(leaves[0], w, leaves[1], leaves[2], leaves[3])
+        y.backward(dy)
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for g, r in zip(*outs):
+        assert torch.equal(g, r)
+
+
+@needs_ext
+def test_cpp_autograd_op_no_grad_inference_and_frozen_adapters():
+    x, w, a, b, bias = make_inputs(5, 24, 12, 4, torch.float32)
+    want = reference.lora_linear(x, w, a, b, 0.5, bias)
+    with torch.no_grad():
+        torch.testing.assert_close(_cpp_lora_linear(x, w, a, b, bias), want)
+    with torch.inference_mode():
+        torch.testing.assert_close(_cpp_lora_linear(x, w, a, b, bias), want)
+    xg = x.clone().requires_grad_(True)           # adapters frozen: only dx
+    _cpp_lora_linear(xg, w, a, b, bias).sum().backward()
+    assert xg.grad is not None and a.grad is None and b.grad is None

@@ -10,14 +10,26 @@
 namespace lora_kernels {
 namespace {
 
-template <typename T>
+// Rows step over blockIdx.y, VEC consecutive columns per thread (16-byte accesses when the row allows):
+// the row's hash once per row and no 64-bit division per element (the first version divided a flat
+// index by the row length for every element).
+template <typename T, int VEC>
 __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, const int64_t* __restrict__ seed,
                                int64_t rows, int64_t cols, uint32_t threshold, float scale) {
   const int64_t s = *seed;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * cols;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols, c = i % cols;
-    out[i] = dropout_keep(s, r, c, threshold) ? static_cast<T>(static_cast<float>(x[i]) * scale) : static_cast<T>(0.f);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const uint32_t row_hash = dropout_row_hash(s, r);
+    const T* xr = x + r * cols;
+    T* outr = out + r * cols;
+    for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; c < cols; c += step) {
+      Vec<T, VEC> v = load_vec<T, VEC>(xr + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        v.v[i] = dropout_keep_row(row_hash, c + i, threshold) ? static_cast<T>(static_cast<float>(v.v[i]) * scale)
+                                                              : static_cast<T>(0.f);
+      store_vec<T, VEC>(outr + c, v);
+    }
   }
 }
 
@@ -31,14 +43,24 @@ at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
   at::Tensor out = at::empty_like(xc);
   if (xc.numel() == 0) return out;
   const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((xc.numel() + threads - 1) / threads, 65535));
+  const int64_t rows = xc.size(0), cols = xc.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_kernel_dtype(x.scalar_type(), "x", [&](auto tag) {
     using scalar_t = decltype(tag);
-    dropout_kernel<scalar_t><<<blocks, threads, 0, stream>>>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                                             seed.data_ptr<int64_t>(), xc.size(0), xc.size(1),
-                                                             dropout_threshold(p), static_cast<float>(dropout_scale(p)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool vec = cols % V == 0 && aligned16(xc.data_ptr()) && aligned16(out.data_ptr());
+    auto launch = [&](auto kernel, int per_thread) {
+      const int64_t col_blocks = (cols + threads * per_thread - 1) / (threads * per_thread);
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(col_blocks, 1024)),
+                      static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+      kernel<<<grid, threads, 0, stream>>>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), seed.data_ptr<int64_t>(),
+                                           rows, cols, dropout_threshold(p), static_cast<float>(dropout_scale(p)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec)
+      launch(dropout_kernel<scalar_t, V>, V);
+    else
+      launch(dropout_kernel<scalar_t, 1>, 1);
   });
   return out;
 }

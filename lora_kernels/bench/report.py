@@ -69,9 +69,12 @@ def markdown(rows, meta) -> str:
     if e2e:
         out += ["", "End-to-end LoRA fine-tune step (TinyLlama shape, bf16, batch 2×2048, r=16, dropout 0.05, AdamW): "
                 "wall time per step (median of 10) and activation memory kept by the forward.", "",
-                "| provider | step ms | vs peft eager | activations MiB |", "|---|---|---|---|"]
+                "| provider | step ms | tokens/s | vs peft eager | activations MiB | peak MiB | graph breaks | "
+                "graphs (new after warm-up) | recompiles |", "|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
-            out.append(f"| {r['provider']} | {r['p50_ms']:.1f} | {r['ratio']:.3f} | {r['act_mib']:.0f} |")
+            out.append(f"| {r['provider']} | {r['p50_ms']:.1f} | {r.get('tokens_per_s', 0):.0f} | {r['ratio']:.3f} | "
+                       f"{r['act_mib']:.0f} | {r.get('peak_mib', 0):.0f} | {r.get('graph_breaks', '–')} | "
+                       f"{r.get('graphs', '–')} ({r.get('graphs_after_warmup', '–')}) | {r.get('recompiles', '–')} |")
     return "\n".join(out) + "\n"
 
 
