@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile bash bench/gpu_run.sh [bench args...]
+# On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof bash bench/gpu_run.sh [bench args...]
 # Logs and results go to $OUT (default .gpu_out); commit the bench results and summaries to bench/results/.
 # The extension build and the CMake build run side by side (CPU); each later step has its own time limit.
 set -uo pipefail
@@ -44,4 +44,7 @@ if [[ $STEPS == *bench* ]]; then
 fi
 if [[ $STEPS == *profile* ]]; then
   timeout ${PROFILE_TIMEOUT:-120} python3 bench/profile_cases.py 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
+fi
+if [[ $STEPS == *e2eprof* ]]; then
+  timeout ${E2EPROF_TIMEOUT:-300} python3 bench/e2e_profile.py --out "$OUT" ${E2EPROF_ARGS:-} 2>&1 | grep -v -i warn
 fi

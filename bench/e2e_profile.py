@@ -1,0 +1,129 @@
+"""Where a LoRA fine-tune step spends its time, on a GPU: host (wall) vs GPU kernel time.
+
+1. Per layer at the TinyLlama shapes (4096 rows; K -> N of 2048 -> 2048, 2048 -> 256, 2048 -> 5632,
+   5632 -> 2048), forward + backward with dropout 0.05: wall time per call issued back to back (host-bound
+   when it exceeds the GPU time) and GPU kernel time per call from the profiler, for peft's layer and the
+   patched layer on each backend.
+2. One whole training step of the e2e model per provider under torch.profiler: wall, GPU-busy time,
+   kernel launches, and the top kernels and host ops.
+
+python3 bench/e2e_profile.py [--layers-only] [--out DIR]"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import lora_kernels as lk
+
+SHAPES = [(4096, 2048, 2048), (4096, 2048, 256), (4096, 2048, 5632), (4096, 5632, 2048)]
+
+
+def _peft_layer(K, N, backend):
+    import peft
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(K, N, bias=False))
+    net = net.to("cuda", torch.bfloat16)
+    model = peft.get_peft_model(net, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    if backend is not None:
+        lk.patch(model, backend=backend)
+    return model.train()
+
+
+def _gpu_us_per_call(fn, calls=20):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return total / calls
+
+
+def _wall_us_per_call(fn, calls=50):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def layers(log):
+    log("per layer, fwd+bwd, bf16, r=16, dropout 0.05: wall us per call back to back / GPU us per call")
+    providers = [("peft", None), ("patched cuda", "cuda"), ("patched triton", "triton")]
+    providers = [(n, b) for n, b in providers if b != "cuda" or lk.cuda_ext_available()]
+    for M, K, N in SHAPES:
+        x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16)
+        cells = []
+        for name, backend in providers:
+            model = _peft_layer(K, N, backend)
+
+            def step():
+                model(x).backward(dy)
+            wall, gpu = _wall_us_per_call(step), _gpu_us_per_call(step)
+            cells.append(f"{name} {wall:7.1f} / {gpu:6.1f}")
+        log(f"  {M}x{K}->{N}: " + " | ".join(cells))
+
+
+def whole_step(log, out):
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_kernels.bench import e2e
+    for name, patched, backend in (("peft", False, "auto"), ("patched", True, "auto")):
+        model, fwd, opt = e2e.build(patched, False, backend=backend)
+        data = e2e._batches(4, 2, 2048, model.config.vocab_size)
+        for ids in data[:3]:
+            e2e._step(fwd, opt, ids)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            e2e._step(fwd, opt, data[3])
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1e3
+        ka = prof.key_averages()
+        kernels = [e for e in ka if e.device_type.name == "CUDA"]
+        gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+        launches = sum(e.count for e in kernels)
+        log(f"  step {name}: wall {wall:.1f} ms (profiled), GPU kernel time {gpu_ms:.1f} ms, {launches} kernels")
+        table = ka.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60)
+        host = ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+        with open(os.path.join(out, f"e2e-profile-{name}.txt"), "w") as f:
+            f.write(f"wall {wall:.1f} ms, GPU kernel time {gpu_ms:.1f} ms, {launches} kernels\n\n{table}\n\n{host}\n")
+        log(table[:3500])
+        del model, fwd, opt
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers-only", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+    log(f"{torch.cuda.get_device_name()} torch {torch.__version__}, C++ extension {lk.cuda_ext_available()}")
+    layers(log)
+    if not args.layers_only:
+        whole_step(log, args.out)
+    with open(os.path.join(args.out, "e2e-profile.log"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
