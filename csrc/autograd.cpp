@@ -53,17 +53,31 @@ at::Tensor draw_seed(const at::Tensor& like) {
   return at::randint(0, 2147483647, {}, like.options().dtype(at::kLong));
 }
 
-// On 2-D x (M, K). Saved: x, the frozen weight, the adapters, x·Aᵀ (M×r) and the seed; never dropout(x).
+// On 2-D x (M, K). Saved: x, the frozen weight, the adapters and x·Aᵀ (M×r) in x's dtype, and the seed;
+// never dropout(x). Small M on CUDA takes the decode kernel through the dispatcher; the rest calls the
+// composite's pieces directly, so backward reuses the adapters' casts.
 class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& bias, double scaling,
                             double dropout_p) {
     const at::Tensor seed = dropout_p > 0.0 ? draw_seed(x) : at::Tensor();
-    auto [y, xa] = linear_forward_op(x, weight, lora_A, lora_B, bias_or_none(bias), scaling, dropout_p, opt(seed));
-    ctx->save_for_backward({x, weight, lora_A, lora_B, xa, seed});
+    const bool parts = !(x.is_cuda() && x.size(0) <= kDecodeMaxRows);
+    at::Tensor y;
+    if (parts) {
+      ForwardParts f = forward_parts(x, weight, lora_A, lora_B, bias_or_none(bias), scaling, dropout_p, opt(seed));
+      ctx->save_for_backward({x, weight, f.A, f.B, f.xa, seed});
+      y = f.y;
+    } else {
+      auto [out, xa] = linear_forward_op(x, weight, lora_A, lora_B, bias_or_none(bias), scaling, dropout_p, opt(seed));
+      ctx->save_for_backward({x, weight, lora_A, lora_B, xa, seed});
+      y = out;
+    }
+    ctx->saved_data["parts"] = parts;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["a_dtype"] = lora_A.scalar_type();
+    ctx->saved_data["b_dtype"] = lora_B.scalar_type();
     ctx->saved_data["bias_dtype"] = bias.scalar_type();
     return y;
   }
@@ -72,9 +86,13 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &A = saved[2], &B = saved[3], &xa = saved[4];
     const bool need_dx = ctx->needs_input_grad(0), need_dbias = ctx->needs_input_grad(4);
-    auto [dx, dA, dB, dbias] = linear_backward_op(
-        grads[0].contiguous(), x, weight, A, B, xa, ctx->saved_data["scaling"].toDouble(), need_dx, need_dbias,
-        ctx->saved_data["dropout_p"].toDouble(), opt(saved[5]));
+    const double scaling = ctx->saved_data["scaling"].toDouble(), p = ctx->saved_data["dropout_p"].toDouble();
+    const at::Tensor dy = grads[0].contiguous();
+    auto [dx, dA, dB, dbias] =
+        ctx->saved_data["parts"].toBool()
+            ? backward_parts(dy, x, weight, A, B, xa, scaling, need_dx, need_dbias, p, opt(saved[5]),
+                             ctx->saved_data["a_dtype"].toScalarType(), ctx->saved_data["b_dtype"].toScalarType())
+            : linear_backward_op(dy, x, weight, A, B, xa, scaling, need_dx, need_dbias, p, opt(saved[5]));
     const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
     return {need_dx ? dx : at::Tensor(), at::Tensor(),  dA, dB, need_dbias ? dbias.to(bias_dtype) : at::Tensor(),
             at::Tensor(), at::Tensor()};

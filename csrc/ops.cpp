@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "checks.h"
@@ -76,15 +77,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward(
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == weight.size(0), "dy: expected shape (",
               x.size(0), ", ", weight.size(0), "), got ", dy.sizes());
   const auto dt = x.scalar_type();
-  at::Tensor A = lora_A.to(dt), B = lora_B.to(dt);
-  at::Tensor g = at::mm(dy, B).mul_(scaling);  // s·dy·B
-  at::Tensor dA = at::mm(g.t(), apply_dropout(x, dropout_p, seed)).to(lora_A.scalar_type());
-  at::Tensor dB = at::mm(dy.t(), xa.to(dt)).mul_(scaling).to(lora_B.scalar_type());
-  // The LoRA part of dx carries the same mask and 1/(1-p) as the forward's dropout(x).
-  // dx: the LoRA part first, then dy·W accumulated into it by the GEMM (no separate add over dx).
-  at::Tensor dx = need_dx ? apply_dropout(at::mm(g, A), dropout_p, seed).addmm_(dy, weight) : dy.new_empty({0});
-  at::Tensor dbias = need_dbias ? dy.sum(0) : dy.new_empty({0});
-  return {dx, dA, dB, dbias};
+  return backward_parts(dy, x, weight, lora_A.to(dt), lora_B.to(dt), xa.to(dt), scaling, need_dx, need_dbias,
+                        dropout_p, seed, lora_A.scalar_type(), lora_B.scalar_type());
+}
+
+// s·m1·m2 in out_dtype. For float32 adapters on CUDA, one cuBLAS call with a float32 output where torch
+// has aten::addmm.dtype; otherwise the product in the inputs' dtype, then a cast. beta = 0: the
+// uninitialised first argument is ignored (NaN-safe), the product is scaled in the GEMM's epilogue.
+at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double s, at::ScalarType out_dtype) {
+  static std::atomic<int> fp32_out_works{-1};  // -1 not tried yet, 0 no, 1 yes
+  if (out_dtype == at::kFloat && m1.scalar_type() != at::kFloat && m1.is_cuda() && fp32_out_works.load() != 0) {
+    static const auto handle = c10::Dispatcher::singleton().findOp({"aten::addmm", "dtype"});
+    if (handle.has_value()) {
+      try {
+        static const auto op = handle->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        at::ScalarType, const at::Scalar&, const at::Scalar&)>();
+        at::Tensor out = op.call(at::empty({m1.size(0), m2.size(1)}, m1.options().dtype(at::kFloat)), m1, m2,
+                                 at::kFloat, 0.0, s);
+        fp32_out_works.store(1);
+        return out;
+      } catch (const std::exception&) {
+        if (fp32_out_works.load() == 1) throw;  // it worked before: a real error, not a missing feature
+      }
+    }
+    fp32_out_works.store(0);
+  }
+  return at::addmm(at::empty({m1.size(0), m2.size(1)}, m1.options()), m1, m2, 0.0, s).to(out_dtype);
 }
 
 }  // namespace
@@ -97,26 +115,71 @@ at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::
   return op.call(x, *seed, p);
 }
 
+ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                           const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scaling,
+                           double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_linear(x, weight, lora_A, lora_B, bias);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ", dropout_p);
+  const auto dt = x.scalar_type();
+  at::Tensor xd, A, B;
+#ifdef LORA_KERNELS_WITH_CUDA
+  if (x.is_cuda() && dt != at::kDouble && x.is_contiguous() && lora_A.scalar_type() == lora_B.scalar_type() &&
+      (lora_A.scalar_type() == dt || lora_A.scalar_type() == at::kFloat)) {
+    PreparedInputs in = prepare_lora_inputs_cuda(x, lora_A.contiguous(), lora_B.contiguous(), dropout_p, seed);
+    xd = in.x, A = in.A, B = in.B;
+  } else
+#endif
+  {
+    A = lora_A.to(dt), B = lora_B.to(dt);  // no copy when the adapters are in x's dtype
+    xd = apply_dropout(x, dropout_p, seed);
+  }
+  at::Tensor xa = at::mm(xd, A.t());
+  // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
+  // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
+  at::Tensor y;
+  if (bias.has_value()) {
+    y = at::addmm(bias->to(dt), xa, B.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  } else {
+    y = at::empty({x.size(0), weight.size(0)}, x.options());
+    at::addmm_out(y, y, xa, B.t(), /*beta=*/0.0, /*alpha=*/scaling);  // beta = 0: y's contents are ignored
+  }
+  y.addmm_(x, weight.t());
+  return {y, xa, A, B};
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x, const at::Tensor& weight,
                                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                             const c10::optional<at::Tensor>& bias, double scaling,
                                                             double dropout_p, const c10::optional<at::Tensor>& seed) {
-  check_linear(x, weight, lora_A, lora_B, bias);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ", dropout_p);
-  const auto dt = x.scalar_type();
-  at::Tensor xa = at::mm(apply_dropout(x, dropout_p, seed), lora_A.to(dt).t());
-  // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
-  // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
-  const at::Tensor Bt = lora_B.to(dt).t();
-  at::Tensor y;
-  if (bias.has_value()) {
-    y = at::addmm(bias->to(dt), xa, Bt, /*beta=*/1.0, /*alpha=*/scaling);
-  } else {
-    y = at::empty({x.size(0), weight.size(0)}, x.options());
-    at::addmm_out(y, y, xa, Bt, /*beta=*/0.0, /*alpha=*/scaling);  // beta = 0: y's contents are ignored
+  ForwardParts parts = forward_parts(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
+  return {parts.y, parts.xa.to(acc_type(x.scalar_type()))};  // exact: xa holds values of x's dtype
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& xa, double scaling, bool need_dx, bool need_dbias, double dropout_p,
+    const c10::optional<at::Tensor>& seed, at::ScalarType a_dtype, at::ScalarType b_dtype) {
+  // g = dy·B unscaled: s enters through the GEMMs' alpha / beta (no separate pass, one rounding fewer).
+  const at::Tensor g = at::mm(dy, B);
+  at::Tensor dA = scaled_mm(g.t(), apply_dropout(x, dropout_p, seed), scaling, a_dtype);
+  at::Tensor dB = scaled_mm(dy.t(), xa, scaling, b_dtype);
+  // dx: the LoRA part first (same mask and 1/(1-p) as the forward's dropout(x)), then dy·W accumulated into
+  // it by the big GEMM (no separate add over dx).
+  at::Tensor dx = dy.new_empty({0});
+  if (need_dx) {
+#ifdef LORA_KERNELS_WITH_CUDA
+    if (g.is_cuda() && g.scalar_type() != at::kDouble) {
+      dx = lowrank_up_cuda(g, A.contiguous(), scaling, dropout_p, seed);
+      dx.addmm_(dy, weight);
+    } else
+#endif
+    {
+      dx = apply_dropout(at::mm(g, A), dropout_p, seed);
+      dx.addmm_(dy, weight, /*beta=*/scaling, /*alpha=*/1.0);
+    }
   }
-  y.addmm_(x, weight.t());
-  return {y, xa.to(acc_type(dt))};
+  at::Tensor dbias = need_dbias ? dy.sum(0) : dy.new_empty({0});
+  return {dx, dA, dB, dbias};
 }
 
 }  // namespace lora_kernels

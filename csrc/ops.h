@@ -12,6 +12,34 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_composite(const at::Tensor& x,
                                                             const c10::optional<at::Tensor>& bias, double scaling,
                                                             double dropout_p, const c10::optional<at::Tensor>& seed);
 
+// The composite forward's pieces: y, and x·Aᵀ, A and B in x's dtype. The C++ autograd path keeps them, so
+// its backward neither casts the adapters again nor converts x·Aᵀ back.
+struct ForwardParts {
+  at::Tensor y, xa, A, B;
+};
+ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                           const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scaling,
+                           double dropout_p, const c10::optional<at::Tensor>& seed);
+
+// The backward on those pieces (A, B, xa in x's dtype); dA and dB come back in a_dtype / b_dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& xa, double scaling, bool need_dx, bool need_dbias, double dropout_p,
+    const c10::optional<at::Tensor>& seed, at::ScalarType a_dtype, at::ScalarType b_dtype);
+
+#ifdef LORA_KERNELS_WITH_CUDA
+// cuda/lowrank.cu. dropout(x) (x itself when p = 0) and the adapters in x's dtype (themselves when they
+// are already), in one launch.
+struct PreparedInputs {
+  at::Tensor x, A, B;
+};
+PreparedInputs prepare_lora_inputs_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                        double p, const c10::optional<at::Tensor>& seed);
+// s·mask⊙(g·A)/(1-p) (M×K) in one pass; g (M×r) and A (r×K) in the same dtype.
+at::Tensor lowrank_up_cuda(const at::Tensor& g, const at::Tensor& A, double scaling, double p,
+                           const c10::optional<at::Tensor>& seed);
+#endif
+
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).
 at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::Tensor>& seed);
 

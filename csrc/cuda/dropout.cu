@@ -6,31 +6,18 @@
 
 #include "../hash.h"
 #include "common.cuh"
+#include "dropout_rows.cuh"
 
 namespace lora_kernels {
 namespace {
 
-// Rows step over blockIdx.y, VEC consecutive columns per thread (16-byte accesses when the row allows):
-// the row's hash once per row and no 64-bit division per element (the first version divided a flat
-// index by the row length for every element).
+// Rows step over blockIdx.y, VEC consecutive columns per thread (see dropout_rows.cuh).
 template <typename T, int VEC>
 __global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, const int64_t* __restrict__ seed,
                                int64_t rows, int64_t cols, uint32_t threshold, float scale) {
-  const int64_t s = *seed;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const uint32_t row_hash = dropout_row_hash(s, r);
-    const T* xr = x + r * cols;
-    T* outr = out + r * cols;
-    for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; c < cols; c += step) {
-      Vec<T, VEC> v = load_vec<T, VEC>(xr + c);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i)
-        v.v[i] = dropout_keep_row(row_hash, c + i, threshold) ? static_cast<T>(static_cast<float>(v.v[i]) * scale)
-                                                              : static_cast<T>(0.f);
-      store_vec<T, VEC>(outr + c, v);
-    }
-  }
+  dropout_rows<T, VEC>(x, out, rows, cols, *seed, threshold, scale, blockIdx.y, gridDim.y,
+                       (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC,
+                       static_cast<int64_t>(gridDim.x) * blockDim.x * VEC);
 }
 
 at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
