@@ -7,7 +7,7 @@
 2. One whole training step of the e2e model per provider under torch.profiler: wall, GPU-busy time,
    kernel launches, and the top kernels and host ops.
 
-python3 bench/e2e_profile.py [--layers-only] [--out DIR]"""
+python3 bench/e2e_profile.py [--layers-only | --no-layers] [--steps VARIANT ...] [--out DIR]"""
 import argparse
 import os
 import statistics
@@ -78,12 +78,12 @@ def layers(log):
         log(f"  {M}x{K}->{N}: " + " | ".join(cells))
 
 
-def whole_step(log, out):
+def whole_step(log, out, variants):
     from torch.profiler import ProfilerActivity, profile
 
     from lora_kernels.bench import e2e
-    for name, patched, backend in (("peft", False, "auto"), ("patched", True, "auto")):
-        model, fwd, opt = e2e.build(patched, False, backend=backend)
+    for name, patched, compiled, backend in [v for v in e2e.VARIANTS if v[0] in variants]:
+        model, fwd, opt = e2e.build(patched, compiled, backend=backend)
         data = e2e._batches(4, 2, 2048, model.config.vocab_size)
         for ids in data[:3]:
             e2e._step(fwd, opt, ids)
@@ -110,6 +110,8 @@ def whole_step(log, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers-only", action="store_true")
+    ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--steps", nargs="+", default=["peft", "patched"], help="e2e variants to profile one step of")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     lines = []
@@ -118,9 +120,10 @@ def main():
         print(s, flush=True)
         lines.append(s)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__}, C++ extension {lk.cuda_ext_available()}")
-    layers(log)
+    if not args.no_layers:
+        layers(log)
     if not args.layers_only:
-        whole_step(log, args.out)
+        whole_step(log, args.out, args.steps)
     with open(os.path.join(args.out, "e2e-profile.log"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

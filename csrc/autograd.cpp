@@ -131,10 +131,14 @@ at::Tensor lora_linear_inference(const at::Tensor& x, const at::Tensor& weight, 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling,"
         " float dropout_p=0.0) -> Tensor");
+  // The dropout seed as a graph node of its own; the tag keeps torch.compile from merging two draws
+  // (layers that share an input would otherwise share a mask).
+  m.def("seed(Tensor like) -> Tensor", {at::Tag::nondeterministic_seeded});
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, Autograd, m) { m.impl("lora_linear", &lora_kernels::lora_linear_autograd); }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_kernels::lora_linear_inference);
+  m.impl("seed", &lora_kernels::draw_seed);
 }

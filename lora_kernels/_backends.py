@@ -41,9 +41,20 @@ def triton_available() -> bool:
 def cuda_ext_available() -> bool:
     try:
         importlib.import_module("lora_kernels._C")
-        return True
     except Exception:  # noqa: BLE001
         return False
+    cuda_backend()  # registers the C++ ops' fake and autograd rules before anything traces them
+    return True
+
+
+_CUDA_BACKEND = []
+
+
+def cuda_backend():
+    """lora_kernels._cuda_backend, imported once; a plain attribute read afterwards (safe to trace)."""
+    if not _CUDA_BACKEND:
+        _CUDA_BACKEND.append(importlib.import_module("lora_kernels._cuda_backend"))
+    return _CUDA_BACKEND[0]
 
 
 def _interpreting() -> bool:

@@ -22,6 +22,48 @@ def eager_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
 _lora_linear = _ops.lora_linear.default
 
 
+def graph_linear(x2d, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float):
+    """Under torch.compile: the C++ ops as graph nodes (fake and autograd rules below), so the compiled
+    graph calls them directly instead of a Python custom op that calls them (host time per layer)."""
+    seed = _ops.seed.default(x2d) if dropout_p > 0.0 else None
+    return _ops.linear_forward.default(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)[0]
+
+
+@torch.library.register_fake("lora_kernels::seed")
+def _(like):
+    return like.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("lora_kernels::linear_forward")
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, seed=None):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=acc)
+
+
+@torch.library.register_fake("lora_kernels::linear_backward")
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, need_dx, need_dbias, dropout_p=0.0, seed=None):
+    return (x.new_empty(x.shape) if need_dx else dy.new_empty((0,)), lora_A.new_empty(lora_A.shape),
+            lora_B.new_empty(lora_B.shape), dy.new_empty((dy.shape[1],)) if need_dbias else dy.new_empty((0,)))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    dx, dA, dB, dbias = _ops.linear_backward.default(dy.contiguous(), x, weight, lora_A, lora_B, xa, ctx.scaling,
+                                                     need_dx, need_dbias, ctx.dropout_p, seed)
+    return (dx if need_dx else None, None, dA, dB, dbias.to(ctx.bias_dtype) if need_dbias else None, None, None, None)
+
+
+torch.library.register_autograd("lora_kernels::linear_forward", _linear_backward, setup_context=_setup)
+
+
 def _scaling(scaling, scaling_t):
     # The C++ ops take a float: a tensor scaling costs one device-to-host read here.
     return float(scaling_t) if scaling_t is not None else float(scaling)

@@ -5,6 +5,7 @@ keeps torch.compile(fullgraph=True) able to trace the ops as opaque nodes.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Tuple
 
@@ -122,10 +123,16 @@ def _eager(*tensors) -> bool:
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
-@torch.library.custom_op("lora_kernels::draw_seed", mutates_args=())
+# Tagged as seeded random where torch's custom_op takes tags (2.12+?); see draw_seed's docstring.
+_SEEDED = ({"tags": (torch.Tag.nondeterministic_seeded,)}
+           if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("lora_kernels::draw_seed", mutates_args=(), **_SEEDED)
 def draw_seed(like: Tensor) -> Tensor:
     """A dropout seed from torch's generator for like's device. An op of its own so that compiled
-    graphs draw exactly what eager draws (inductor's own RNG would give other masks)."""
+    graphs draw exactly what eager draws (inductor's own RNG would give other masks); tagged as seeded
+    random so that torch.compile never merges two draws (layers sharing an input would share a mask)."""
     return torch.randint(0, 2**31 - 1, (), device=like.device, dtype=torch.int64)
 
 
@@ -179,9 +186,14 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
     name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
-    if name == "cuda" and s_t is None and _eager(x, weight, lora_A, lora_B, bias):
-        # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.
-        return _backends.module("cuda").eager_linear(x, weight, lora_A, lora_B, bias, s, float(dropout_p))
+    if name == "cuda" and s_t is None:
+        if _eager(x, weight, lora_A, lora_B, bias):
+            # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.
+            return _backends.cuda_backend().eager_linear(x, weight, lora_A, lora_B, bias, s, float(dropout_p))
+        if torch.compiler.is_compiling():
+            x2d = x.reshape(-1, x.shape[-1]).contiguous()
+            y = _backends.cuda_backend().graph_linear(x2d, weight, lora_A, lora_B, bias, s, float(dropout_p))
+            return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = None
     if dropout_p > 0.0:
         seed = draw_seed(x)

@@ -150,3 +150,38 @@ def test_cpp_autograd_op_no_grad_inference_and_frozen_adapters():
     xg = x.clone().requires_grad_(True)           # adapters frozen: only dx
     _cpp_lora_linear(xg, w, a, b, bias).sum().backward()
     assert xg.grad is not None and a.grad is None and b.grad is None
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_cpp_ops_as_graph_nodes_compile_and_match_eager(p):
+    """Under torch.compile the cuda backend puts the C++ ops in the graph (fake and autograd rules from
+    _cuda_backend); on CPU tensors their CPU kernels run. Compiled equals the eager C++ autograd op bit for
+    bit, gradients too, and two layers on one input draw two seeds (the seed op is never merged)."""
+    from lora_kernels import _backends
+    cb = _backends.cuda_backend()
+    x, w, a, b, bias = make_inputs(19, 70, 45, 8, torch.float32)
+    a2, b2 = a.flip(0).contiguous(), b.flip(1).contiguous()
+
+    def two_layers(fn, xx, aa, bb):
+        return fn(xx, w, aa, bb, bias, 0.5, p) + fn(xx, w, a2, b2, None, 0.25, p)
+
+    outs = []
+    for fn in (_cpp_lora_linear, torch.compile(lambda *t: two_layers(cb.graph_linear, *t),
+                                                backend="aot_eager_decomp_partition",
+                                                fullgraph=True)):
+        torch.manual_seed(11)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+        y = two_layers(_cpp_lora_linear, *leaves) if fn is _cpp_lora_linear else fn(*leaves)
+        y.sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_ext
+def test_cpp_linear_forward_opcheck():
+    import lora_kernels._cuda_backend  # noqa: F401 - registers the fake and autograd rules
+    x, w, a, b, bias = make_inputs(9, 24, 12, 4, torch.float32)
+    a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.lora_kernels.linear_forward.default, (x, w, a, b, bias, 0.5, 0.0, None))

@@ -157,3 +157,18 @@ def test_compiled_patched_llama_has_no_graph_breaks_or_recompiles():
     assert sum(breaks.values()) == 0, breaks
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_compiled_dropout_draws_one_seed_per_layer():
+    """q, k and v share their input: a compiled graph must still give each its own dropout mask, as eager
+    does (merged seed draws would correlate the three masks)."""
+    model = _tiny_llama(dropout=0.3)
+    lk.patch(model)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+    torch.manual_seed(5)
+    eager = model(input_ids=ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager_decomp_partition")   # the partitioner that runs CSE
+    torch.manual_seed(5)
+    torch.testing.assert_close(compiled(input_ids=ids).logits, eager)
