@@ -53,6 +53,8 @@ at::Tensor draw_seed(const at::Tensor& like) {
   return at::randint(0, 2147483647, {}, like.options().dtype(at::kLong));
 }
 
+at::Tensor seed_op(const at::Tensor& like, const at::Tensor& /*salt*/) { return draw_seed(like); }
+
 // On 2-D x (M, K). Saved: x, the frozen weight, the adapters and x·Aᵀ (M×r) in x's dtype, and the seed;
 // never dropout(x). Small M on CUDA takes the decode kernel through the dispatcher; the rest calls the
 // composite's pieces directly, so backward reuses the adapters' casts.
@@ -131,14 +133,15 @@ at::Tensor lora_linear_inference(const at::Tensor& x, const at::Tensor& weight, 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling,"
         " float dropout_p=0.0) -> Tensor");
-  // The dropout seed as a graph node of its own; the tag keeps torch.compile from merging two draws
-  // (layers that share an input would otherwise share a mask).
-  m.def("seed(Tensor like) -> Tensor", {at::Tag::nondeterministic_seeded});
+  // The dropout seed as a graph node of its own. salt (the layer's lora_A, not read) makes each layer's
+  // draw a distinct node, so torch.compile's common-subexpression pass cannot merge the draws of layers
+  // that share an input (they would share a mask); the tag says the same where torch honours it.
+  m.def("seed(Tensor like, Tensor salt) -> Tensor", {at::Tag::nondeterministic_seeded});
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, Autograd, m) { m.impl("lora_linear", &lora_kernels::lora_linear_autograd); }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_kernels::lora_linear_inference);
-  m.impl("seed", &lora_kernels::draw_seed);
+  m.impl("seed", &lora_kernels::seed_op);
 }

@@ -25,12 +25,12 @@ _lora_linear = _ops.lora_linear.default
 def graph_linear(x2d, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float):
     """Under torch.compile: the C++ ops as graph nodes (fake and autograd rules below), so the compiled
     graph calls them directly instead of a Python custom op that calls them (host time per layer)."""
-    seed = _ops.seed.default(x2d) if dropout_p > 0.0 else None
+    seed = _ops.seed.default(x2d, lora_A) if dropout_p > 0.0 else None
     return _ops.linear_forward.default(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)[0]
 
 
 @torch.library.register_fake("lora_kernels::seed")
-def _(like):
+def _(like, salt):
     return like.new_empty((), dtype=torch.int64)
 
 

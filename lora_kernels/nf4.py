@@ -233,7 +233,7 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     if backend == "cuda":
         raise NotImplementedError("backend='cuda': no 4-bit CUDA kernel yet; use backend='triton' or 'auto'")
     name = _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
-    seed = draw_seed(x) if dropout_p > 0.0 else None
+    seed = draw_seed(x, lora_A) if dropout_p > 0.0 else None
     x2d = x.reshape(-1, K)
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()

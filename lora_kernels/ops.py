@@ -129,15 +129,17 @@ _SEEDED = ({"tags": (torch.Tag.nondeterministic_seeded,)}
 
 
 @torch.library.custom_op("lora_kernels::draw_seed", mutates_args=(), **_SEEDED)
-def draw_seed(like: Tensor) -> Tensor:
+def draw_seed(like: Tensor, salt: Optional[Tensor] = None) -> Tensor:
     """A dropout seed from torch's generator for like's device. An op of its own so that compiled
-    graphs draw exactly what eager draws (inductor's own RNG would give other masks); tagged as seeded
-    random so that torch.compile never merges two draws (layers sharing an input would share a mask)."""
+    graphs draw exactly what eager draws (inductor's own RNG would give other masks). `salt` (the layer's
+    lora_A) is not read: it makes each layer's draw a distinct graph node, so that torch.compile's
+    common-subexpression pass cannot merge the draws of layers that share an input (q, k and v would share
+    a mask). The seeded-random tag says the same where torch honours it."""
     return torch.randint(0, 2**31 - 1, (), device=like.device, dtype=torch.int64)
 
 
 @draw_seed.register_fake
-def _(like):
+def _(like, salt=None):
     return like.new_empty((), dtype=torch.int64)
 
 
@@ -196,7 +198,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
             return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = None
     if dropout_p > 0.0:
-        seed = draw_seed(x)
+        seed = draw_seed(x, lora_A)
     x2d = x.reshape(-1, x.shape[-1])
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
