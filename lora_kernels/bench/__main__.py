@@ -27,6 +27,9 @@ def main(argv=None) -> int:
                     help="train = fwd+bwd with x needing grad, W frozen; multi = mixed-adapter batches; nf4 = 4-bit base; "
                          "e2e = a ~1B Llama fine-tune step (needs peft and transformers)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--e2e-variants", nargs="+", default=None,
+                    help="e2e providers (default: all of peft, peft_compile, patched, patched_triton, patched_compile)")
+    ap.add_argument("--loss-steps", type=int, default=None, help="e2e loss-curve steps (default 50 with --quick, else 200)")
     ap.add_argument("--out", default="bench/results", help="folder for the .jsonl/.md/.png results")
     ap.add_argument("--cpu-demo", action="store_true", help="run the CPU demo even where a GPU is present")
     args = ap.parse_args(argv)
@@ -57,8 +60,9 @@ def main(argv=None) -> int:
         rows += [dict(r, **meta) for r in extra_mode("nf4", lambda: nf4_bench.run(log=print))]
     if "e2e" in args.modes:
         from . import e2e
-        e2e_rows, curves = extra_mode("e2e", lambda: e2e.run(log=print, steps_curve=50 if args.quick else 200,
-                                                           compiled=not args.quick)) \
+        steps = args.loss_steps if args.loss_steps is not None else (50 if args.quick else 200)
+        e2e_rows, curves = extra_mode("e2e", lambda: e2e.run(log=print, steps_curve=steps, compiled=not args.quick,
+                                                           variants=args.e2e_variants)) \
             or ([], None)
         rows += [dict(r, **meta, floor_ms=None) for r in e2e_rows]
     base = report.write_all(rows, meta, args.out)
