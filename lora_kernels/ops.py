@@ -123,7 +123,7 @@ def _eager(*tensors) -> bool:
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
-# Tagged as seeded random where torch's custom_op takes tags (2.12+?); see draw_seed's docstring.
+# Tagged as seeded random where torch's custom_op takes tags; see draw_seed's docstring.
 _SEEDED = ({"tags": (torch.Tag.nondeterministic_seeded,)}
            if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
