@@ -138,5 +138,5 @@ def module(name: str):
     if name == "triton":
         return importlib.import_module("lora_kernels.triton")
     if name == "cuda":
-        return importlib.import_module("lora_kernels._cuda_backend")
+        return cuda_backend()
     raise ValueError(f"backend: no kernel module for {name!r}")
