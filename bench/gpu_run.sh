@@ -25,7 +25,7 @@ fi
 if [[ $STEPS == *sanitize* ]]; then
   # Compile every kernel once outside the sanitizer (Triton's disk cache), so the sanitized runs only execute.
   timeout 120 python3 bench/sanitize_cases.py > "$OUT/sanitize_warmup.log" 2>&1
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool $tool --print-limit 20 python3 bench/sanitize_cases.py \
       > "$OUT/sanitize_$tool.log" 2>&1
     echo "sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"

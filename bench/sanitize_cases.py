@@ -1,5 +1,7 @@
 """Every GPU kernel once at odd shapes (M = 1, 3, 1000; K, N not multiples of 16), for compute-sanitizer:
-    compute-sanitizer --tool memcheck python bench/sanitize_cases.py   (likewise racecheck, initcheck)"""
+    compute-sanitizer --tool memcheck python bench/sanitize_cases.py   (likewise racecheck, synccheck, initcheck)
+Covers: fused linear forward / backward with and without dropout (Triton; CUDA: decode kernel, dropout and
+adapter-cast kernel, low-rank dx kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels."""
 import torch
 
 import lora_kernels as lk
@@ -9,23 +11,30 @@ backends = ["triton"] + (["cuda"] if lk.cuda_ext_available() else [])
 for backend in backends:
     for M, K, N, r in ((1, 100, 70, 3), (3, 257, 129, 16), (1000, 200, 90, 33)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
-            w = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
-            a = (torch.randn(r, K, device=dev) / K**0.5).requires_grad_()
-            b = torch.randn(N, r, device=dev).requires_grad_()
-            bias = torch.randn(N, device=dev, dtype=dtype, requires_grad=True)
-            p = 0.1 if backend == "triton" else 0.0
-            y = lk.lora_linear(x, w, a, b, 0.5, bias, dropout_p=p, backend=backend)
-            y.float().square().sum().backward()
+            for p, adapter_dtype in ((0.0, torch.float32), (0.1, torch.float32), (0.1, dtype)):
+                x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
+                w = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
+                a = (torch.randn(r, K, device=dev) / K**0.5).to(adapter_dtype).requires_grad_()
+                b = torch.randn(N, r, device=dev).to(adapter_dtype).requires_grad_()
+                bias = torch.randn(N, device=dev, dtype=dtype, requires_grad=True)
+                y = lk.lora_linear(x, w, a, b, 0.5, bias, dropout_p=p, backend=backend)
+                y.float().square().sum().backward()
             wm = w.clone()
             lk.merge_(wm, a.detach(), b.detach(), 0.5, backend=backend)
             lk.unmerge_(wm, a.detach(), b.detach(), 0.5, backend=backend)
-    M, K, N, R, S = 77, 200, 90, 8, 5
-    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-    ids = torch.randint(-1, S, (M,), device=dev, dtype=torch.int32)
     if backend == "triton":
+        M, K, N, R, S = 77, 200, 90, 8, 5
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        ids = torch.randint(-1, S, (M,), device=dev, dtype=torch.int32)
         lk.multi_lora_linear(x, w, torch.randn(S, R, K, device=dev), torch.randn(S, N, R, device=dev),
                              torch.rand(S, device=dev), ids, backend="triton")
+        from lora_kernels.nf4 import quantize_nf4
+        for M in (1, 37):
+            q = quantize_nf4(torch.randn(96, 192, device=dev, dtype=torch.bfloat16))
+            x = torch.randn(M, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            a = (torch.randn(8, 192, device=dev) / 14).requires_grad_()
+            b = torch.randn(96, 8, device=dev).requires_grad_()
+            lk.lora4_linear(x, q, a, b, 0.5, dropout_p=0.1, backend="triton").float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize cases ran:", backends)

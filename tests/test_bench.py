@@ -42,3 +42,25 @@ def test_e2e_miniature_loss_curves_agree():
     assert ours[-1] < ours[0] and peft_c[-1] < peft_c[0]
     tail = slice(-10, None)
     assert abs(sum(peft_c[tail]) - sum(ours[tail])) / 10 < 0.1 * peft_c[0]
+
+
+def test_e2e_interleaved_rounds_on_cpu():
+    """The interleaved measurement: every provider timed in every round, one row each, ratios to the first,
+    and the report renders the speed-up with its per-round range."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from lora_kernels.bench import e2e, report
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=32)
+    variants = [("peft", False, False, "auto"), ("patched", True, False, "torch")]
+    rows = e2e.measure(variants, batch=2, seq=8, rounds=3, steps=2, config=cfg, device="cpu", dtype=torch.float32,
+                       log=lambda *_: None)
+    assert [r["provider"] for r in rows] == ["peft", "patched"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["speedup_min"] == rows[0]["speedup_max"] == 1.0
+    for r in rows:
+        assert r["rounds"] == 3 and r["steps_per_round"] == 2
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert r["speedup_min"] <= r["speedup_max"]
+    md = report.markdown(rows, dict(gpu="cpu", torch=torch.__version__, triton="-", sha="x", time="d",
+                                           copy_tbps=1.0, matmul_tflops=1.0))
+    assert f"| patched | {rows[1]['p50_ms']:.1f} |" in md and "–" in md

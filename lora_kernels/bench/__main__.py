@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--e2e-variants", nargs="+", default=None,
                     help="e2e providers (default: all of peft, peft_compile, patched, patched_triton, patched_compile)")
+    ap.add_argument("--e2e-rounds", type=int, default=6, help="e2e interleaved rounds (each provider runs "
+                    "--e2e-steps timed steps per round)")
+    ap.add_argument("--e2e-steps", type=int, default=5, help="e2e timed steps per provider per round")
     ap.add_argument("--loss-steps", type=int, default=None, help="e2e loss-curve steps (default 50 with --quick, else 200)")
     ap.add_argument("--out", default="bench/results", help="folder for the .jsonl/.md/.png results")
     ap.add_argument("--cpu-demo", action="store_true", help="run the CPU demo even where a GPU is present")
@@ -62,7 +65,8 @@ def main(argv=None) -> int:
         from . import e2e
         steps = args.loss_steps if args.loss_steps is not None else (50 if args.quick else 200)
         e2e_rows, curves = extra_mode("e2e", lambda: e2e.run(log=print, steps_curve=steps, compiled=not args.quick,
-                                                           variants=args.e2e_variants)) \
+                                                           variants=args.e2e_variants, rounds=args.e2e_rounds,
+                                                           steps=args.e2e_steps)) \
             or ([], None)
         rows += [dict(r, **meta, floor_ms=None) for r in e2e_rows]
     base = report.write_all(rows, meta, args.out)

@@ -50,48 +50,100 @@ def _dynamo_counts():
             sum(counters["recompiles"].values()) if "recompiles" in counters else 0)
 
 
-def measure(name, patched, compiled, batch=2, seq=2048, steps=10, config=None, log=print, backend="auto"):
-    """ms per step (wall, synchronised, after 3 warm-up steps), tokens/s, peak memory above the steady state,
-    and for compiled variants the graph breaks, graphs and recompiles Dynamo counted over all steps."""
-    if compiled:
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Provider:
+    """One e2e provider held in memory for the whole run, so the providers' timed steps can be interleaved."""
+
+    def __init__(self, name, patched, compiled, backend, batch, seq, config, device, dtype, warmup=3):
+        self.name, self.compiled, self.device = name, compiled, device
+        before = _dynamo_counts()
+        self.model, self.fwd, self.opt = build(patched, compiled, config, device=device, dtype=dtype, backend=backend)
+        self.data = _batches(warmup + 1, batch, seq, self.model.config.vocab_size, device=device)
+        for ids in self.data[:warmup]:      # warm-up: compilation, optimizer state, allocator
+            _step(self.fwd, self.opt, ids)
+        _sync(device)
+        after = _dynamo_counts()
+        # Dynamo's counters are global: each provider gets what changed while it compiled / ran.
+        self.breaks = after[0] - before[0] if compiled else 0
+        self.graphs = after[1] - before[1] if compiled else 0
+        self.new_graphs = self.recompiles = 0
+        self.times, self.round_medians, self.peak = [], [], 0
+
+    def timed_round(self, steps):
+        before = _dynamo_counts()
+        base = torch.cuda.memory_allocated() if self.device == "cuda" else 0
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            _step(self.fwd, self.opt, self.data[-1])
+            _sync(self.device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        if self.device == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() - base)
+        after = _dynamo_counts()
+        if self.compiled:
+            self.new_graphs += after[1] - before[1]
+            self.recompiles += after[2] - before[2]
+        self.times += times
+        self.round_medians.append(statistics.median(times))
+
+    def activations(self):
+        """What the forward keeps for backward, above the steady state of params / grads / optimizer."""
+        if self.device != "cuda":
+            return 0
+        before = torch.cuda.memory_allocated()
+        loss = self.fwd(input_ids=self.data[0], labels=self.data[0]).loss
+        kept = torch.cuda.memory_allocated() - before
+        loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return kept
+
+
+def measure(variants, batch=2, seq=2048, rounds=6, steps=5, config=None, log=print, device="cuda",
+            dtype=torch.bfloat16):
+    """Every provider built and warmed up first, then `rounds` rounds in which each runs `steps` timed steps
+    in turn: a slow spell of the host (which bounds eager steps) then falls on all providers alike. Per
+    provider: the median ms per step over all rounds (wall, synchronised), tokens/s, peak memory above the
+    steady state, the ratio to the first provider per round (its spread), and for compiled providers the
+    graph breaks, graphs and recompiles Dynamo counted (recompiles and new graphs during the timed rounds)."""
+    if any(v[2] for v in variants):
         from torch._dynamo.utils import counters
         torch._dynamo.reset()
         counters.clear()
-    model, fwd, opt = build(patched, compiled, config, backend=backend)
-    data = _batches(steps + 3, batch, seq, model.config.vocab_size)
-    for ids in data[:3]:                     # warm-up: compilation, optimizer state, allocator
-        _step(fwd, opt, ids)
-    torch.cuda.synchronize()
-    graphs_after_warmup = _dynamo_counts()[1] if compiled else 0
-    steady = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for ids in data[3:]:
-        t0 = time.perf_counter()
-        _step(fwd, opt, ids)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() - steady
-    # Activation memory: what the forward keeps for backward, above the steady state of params/grads/optimizer.
-    before = torch.cuda.memory_allocated()
-    loss = fwd(input_ids=data[0], labels=data[0]).loss
-    kept = torch.cuda.memory_allocated() - before
-    loss.backward()
-    opt.zero_grad(set_to_none=True)
-    breaks, graphs, recompiles = _dynamo_counts() if compiled else (0, 0, 0)
-    p50 = statistics.median(times)
-    row = dict(op="e2e", provider=name, mode="e2e", M=batch * seq, K=model.config.hidden_size, N=0, r=16,
-               dtype="bfloat16", dropout=0.05, p20_ms=min(times), p50_ms=p50, p80_ms=max(times),
-               tokens_per_s=batch * seq / p50 * 1e3, act_mib=kept / MiB, peak_mib=peak / MiB, timing="wall",
-               graph_breaks=breaks, graphs=graphs, graphs_after_warmup=graphs - graphs_after_warmup,
-               recompiles=recompiles)
-    log(f"  e2e {name:16s} step {p50:.1f} ms ({row['tokens_per_s']:.0f} tok/s), activations {row['act_mib']:.0f} MiB, "
-        f"peak {row['peak_mib']:.0f} MiB" + (f", graph breaks {breaks}, graphs {graphs} "
-                                             f"(+{row['graphs_after_warmup']} after warm-up), recompiles {recompiles}"
-                                             if compiled else ""))
-    del model, fwd, opt
-    torch.cuda.empty_cache()
-    return row
+    providers = [_Provider(name, patched, comp, backend, batch, seq, config, device, dtype)
+                 for name, patched, comp, backend in variants]
+    for _ in range(rounds):
+        for p in providers:
+            p.timed_round(steps)
+    rows = []
+    first = providers[0]
+    for p in providers:
+        q = statistics.quantiles(p.times, n=5) if len(p.times) > 1 else p.times * 4
+        p50 = statistics.median(p.times)
+        per_round = [f / m for f, m in zip(first.round_medians, p.round_medians)]  # speed-up over the first
+        row = dict(op="e2e", provider=p.name, mode="e2e", M=batch * seq, K=p.model.config.hidden_size, N=0, r=16,
+                   dtype=str(dtype).replace("torch.", ""), dropout=0.05, p20_ms=q[0], p50_ms=p50, p80_ms=q[-1],
+                   rounds=rounds, steps_per_round=steps, ratio=p50 / statistics.median(first.times),
+                   speedup_min=min(per_round), speedup_max=max(per_round),
+                   tokens_per_s=batch * seq / p50 * 1e3, act_mib=p.activations() / MiB, peak_mib=p.peak / MiB,
+                   timing="wall, interleaved", graph_breaks=p.breaks, graphs=p.graphs,
+                   graphs_after_warmup=p.new_graphs, recompiles=p.recompiles)
+        rows.append(row)
+        log(f"  e2e {p.name:16s} step {p50:.1f} ms ({row['tokens_per_s']:.0f} tok/s), x{1 / row['ratio']:.3f} vs "
+            f"{first.name} (per round {row['speedup_min']:.3f}-{row['speedup_max']:.3f}), activations "
+            f"{row['act_mib']:.0f} MiB, peak {row['peak_mib']:.0f} MiB"
+            + (f", graph breaks {p.breaks}, graphs {p.graphs} (+{p.new_graphs} in timed rounds), "
+               f"recompiles in timed rounds {p.recompiles}" if p.compiled else ""))
+    del providers
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def loss_curves(steps=200, batch=2, seq=2048, config=None, device="cuda", dtype=torch.bfloat16):
@@ -114,17 +166,11 @@ VARIANTS = [("peft", False, False, "auto"), ("peft_compile", False, True, "auto"
             ("patched_triton", True, False, "triton"), ("patched_compile", True, True, "auto")]
 
 
-def run(log=print, steps_curve=200, config=None, compiled=True, variants=None):
+def run(log=print, steps_curve=200, config=None, compiled=True, variants=None, rounds=6, steps=5):
     """compiled=False (the bench's --quick) leaves out the torch.compile variants, which take minutes."""
-    chosen = [v for v in VARIANTS if (variants is None or v[0] in variants) and (compiled or not v[2])]
-    rows = []
-    for name, patched, comp, backend in chosen:
-        if backend == "triton" and not lk.triton_available():
-            continue
-        rows.append(measure(name, patched, comp, config=config, log=log, backend=backend))
-    base = rows[0]["p50_ms"]
-    for row in rows:
-        row["ratio"] = row["p50_ms"] / base
+    chosen = [v for v in VARIANTS if (variants is None or v[0] in variants) and (compiled or not v[2])
+              and not (v[3] == "triton" and not lk.triton_available())]
+    rows = measure(chosen, config=config, log=log, rounds=rounds, steps=steps)
     curves = loss_curves(steps_curve, config=config) if steps_curve else None
     return rows, curves
 
