@@ -9,6 +9,23 @@ import sys
 from setuptools import setup
 
 
+def _loaded_libstdcxx():
+    """Path of the libstdc++ this process (torch) has loaded, or None off Linux.
+
+    Some compilers (a g++ configured to link libstdc++ statically) would give the extension a private copy of
+    the C++ runtime; an exception thrown there (every TORCH_CHECK) and caught by torch's copy crashed the
+    process. Linking torch's own libstdc++ by path keeps one runtime, whatever the compiler's defaults."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def _cuda_ext():
     if os.environ.get("LORA_KERNELS_NO_EXT") == "1":
         print("lora_kernels: LORA_KERNELS_NO_EXT=1, pure-Python install (no CUDA extension)", file=sys.stderr)
@@ -36,11 +53,13 @@ def _cuda_ext():
     gencode = []
     for a in archs:
         gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+    libstdcxx = _loaded_libstdcxx()
     ext = CUDAExtension(
         "lora_kernels._C", sources, include_dirs=include_dirs,
         define_macros=[("LORA_KERNELS_WITH_CUDA", None), ("LORA_KERNELS_PYTHON_MODULE", None)],
         extra_compile_args={"cxx": ["-O3"],
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode},
+        extra_link_args=[libstdcxx] if libstdcxx else [],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
