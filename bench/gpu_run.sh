@@ -19,17 +19,33 @@ if [[ $STEPS == *build* ]]; then
   echo "build rc=$? in $(( $(date +%s) - start ))s"; tail -1 "$OUT/build.log"
 fi
 if [[ $STEPS == *test* ]]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests} 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -15
+  # TEST_SHARDS processes side by side (tests/conftest.py, LORA_KERNELS_TEST_SHARD): the GPU tests spend most
+  # of their time compiling Triton kernels on the CPU, one shape after another.
+  shards=${TEST_SHARDS:-4}
+  for ((i = 0; i < shards; i++)); do
+    LORA_KERNELS_TEST_SHARD=$i/$shards timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+      -rfE --tb=short ${TEST_ARGS:-tests} > "$OUT/gpu_tests.shard$i.log" 2>&1 &
+  done
+  wait
+  for ((i = 0; i < shards; i++)); do
+    echo "shard $i/$shards: $(tail -1 "$OUT/gpu_tests.shard$i.log")"; grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.shard$i.log"
+  done | tee "$OUT/gpu_tests.log"
 fi
 if [[ $STEPS == *sanitize* ]]; then
-  # Compile every kernel once outside the sanitizer (Triton's disk cache), so the sanitized runs only execute.
-  timeout 120 python3 bench/sanitize_cases.py > "$OUT/sanitize_warmup.log" 2>&1
+  # Compile every kernel once outside the sanitizer (Triton's disk cache), so the sanitized runs only execute;
+  # then every tool on every backend in its own process, side by side.
+  timeout 180 python3 bench/sanitize_cases.py > "$OUT/sanitize_warmup.log" 2>&1
+  backends=$(python3 -c "import lora_kernels as lk; print('triton', 'cuda' if lk.cuda_ext_available() else '')")
   for tool in memcheck racecheck synccheck; do
-    timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool $tool --print-limit 20 python3 bench/sanitize_cases.py \
-      > "$OUT/sanitize_$tool.log" 2>&1
-    echo "sanitizer $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+    for backend in $backends; do
+      timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $tool --print-limit 20 \
+        python3 bench/sanitize_cases.py $backend > "$OUT/sanitize_${tool}_$backend.log" 2>&1 &
+    done
   done
+  wait
+  for f in "$OUT"/sanitize_*_*.log; do
+    echo "$(basename "$f" .log): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases ran' "$f" | tr '\n' ' ')"
+  done | tee "$OUT/sanitize_summary.log"
 fi
 if [[ $STEPS == *soak* ]]; then
   timeout ${SOAK_TIMEOUT:-120} python3 bench/soak.py --steps ${SOAK_STEPS:-10000} --cycles ${SOAK_CYCLES:-10000} \

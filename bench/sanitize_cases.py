@@ -1,13 +1,21 @@
 """Every GPU kernel once at odd shapes (M = 1, 3, 1000; K, N not multiples of 16), for compute-sanitizer:
-    compute-sanitizer --tool memcheck python bench/sanitize_cases.py   (likewise racecheck, synccheck, initcheck)
+    compute-sanitizer --tool memcheck python bench/sanitize_cases.py [triton|cuda ...]   (likewise racecheck,
+    synccheck, initcheck); naming backends runs only theirs, so each can be its own (parallel) sanitized process.
 Covers: fused linear forward / backward with and without dropout (Triton; CUDA: decode kernel, dropout and
 adapter-cast kernel, low-rank dx kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels."""
+import sys
+
 import torch
 
 import lora_kernels as lk
 
 dev = "cuda"
 backends = ["triton"] + (["cuda"] if lk.cuda_ext_available() else [])
+if sys.argv[1:]:
+    missing = set(sys.argv[1:]) - set(backends)
+    if missing:
+        raise SystemExit(f"backend(s) not available here: {sorted(missing)}")
+    backends = sys.argv[1:]
 for backend in backends:
     for M, K, N, r in ((1, 100, 70, 3), (3, 257, 129, 16), (1000, 200, 90, 33)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
