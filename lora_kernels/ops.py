@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -157,6 +157,23 @@ def merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unm
 
 @merge_op.register_fake
 def _(weight, lora_A, lora_B, scaling, unmerge, backend):
+    return None
+
+
+@torch.library.custom_op("lora_kernels::merge_group_", mutates_args=("weights",))
+def merge_group_op(weights: List[Tensor], lora_As: List[Tensor], lora_Bs: List[Tensor], scalings: List[float],
+                   unmerge: bool, backend: str) -> None:
+    """merge_op over layers of one shape: one launch on Triton (merging.group_layers makes the groups),
+    per layer elsewhere; every layer's bits equal what merge_op gives it alone."""
+    if backend == "triton":
+        _backends.module("triton").merge_group_(weights, lora_As, lora_Bs, scalings, unmerge)
+        return
+    for w, a, b, s in zip(weights, lora_As, lora_Bs, scalings):
+        merge_op(w, a, b, s, unmerge, backend)
+
+
+@merge_group_op.register_fake
+def _(weights, lora_As, lora_Bs, scalings, unmerge, backend):
     return None
 
 

@@ -64,3 +64,14 @@ def test_e2e_interleaved_rounds_on_cpu():
     md = report.markdown(rows, dict(gpu="cpu", torch=torch.__version__, triton="-", sha="x", time="d",
                                            copy_tbps=1.0, matmul_tflops=1.0))
     assert f"| patched | {rows[1]['p50_ms']:.1f} |" in md and "–" in md
+
+
+@pytest.mark.gpu
+def test_merge_model_bench_rows_and_table():
+    from lora_kernels.bench import merge_model_bench
+    rows = merge_model_bench.run(blocks=1, log=lambda s: None)
+    assert [r["provider"] for r in rows][:4] == ["copy", "grouped", "per_layer_triton", "peft"]
+    assert all(r["M"] == 7 and r["p50_ms"] > 0 for r in rows)
+    md = report.markdown(rows, dict(gpu="g", torch="t", triton="-", sha="x", time="d", copy_tbps=1.0,
+                                    matmul_tflops=1.0))
+    assert "Whole-model merge (7 Llama-2-7B-shaped linears, r=16)" in md

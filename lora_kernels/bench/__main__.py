@@ -22,8 +22,8 @@ def _progress(jobs):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_kernels.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a short run over fewer shapes and ranks")
-    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge", "multi", "nf4"],
-                    choices=["forward", "train", "merge", "multi", "nf4", "e2e"],
+    ap.add_argument("--modes", nargs="+", default=["forward", "train", "merge", "merge_model", "multi", "nf4"],
+                    choices=["forward", "train", "merge", "merge_model", "multi", "nf4", "e2e"],
                     help="train = fwd+bwd with x needing grad, W frozen; multi = mixed-adapter batches; nf4 = 4-bit base; "
                          "e2e = a ~1B Llama fine-tune step (needs peft and transformers)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
@@ -55,6 +55,10 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             print(f"mode {name} failed: {type(e).__name__}: {str(e)[:300]}")
             return []
+    if "merge_model" in args.modes:
+        from . import merge_model_bench
+        rows += [dict(r, **meta, floor_ms=None)
+                 for r in extra_mode("merge_model", lambda: merge_model_bench.run(args.quick, log=print))]
     if "multi" in args.modes:
         from . import multi
         rows += [dict(r, **meta) for r in extra_mode("multi", lambda: multi.run(log=print))]

@@ -24,7 +24,7 @@ def markdown(rows, meta) -> str:
     present = [p for p in order if any(r["provider"] == p for r in rows)]
     groups = OrderedDict()
     for r in rows:
-        if r["mode"] in ("multi", "multi_train", "e2e", "nf4"):
+        if r["mode"] in ("multi", "multi_train", "e2e", "nf4", "merge_model"):
             continue
         groups.setdefault((r["mode"], r["M"], r["K"], r["N"], r["r"], r["dropout"]), {})[r["provider"]] = r
     out = [f"GPU {meta['gpu']} · torch {meta['torch']} · triton {meta['triton']} · git {meta['sha']} · "
@@ -58,6 +58,12 @@ def markdown(rows, meta) -> str:
         for r in multi:
             v = f"{r['ratio_vs_one_adapter']:.3f}" if r.get("ratio_vs_one_adapter") else "–"
             out.append(f"| {r['M']} | {r['adapters']} | {r['provider']} | {r['p50_ms']:.4f} | {r['ratio']:.3f} | {v} |")
+    mm = [r for r in rows if r["mode"] == "merge_model"]
+    if mm:
+        out += ["", f"Whole-model merge ({mm[0]['M']} Llama-2-7B-shaped linears, r={mm[0]['r']}): (merge + unmerge) / 2 "
+                "over the time to copy every adapted weight once.", "",
+                "| provider | ms | ratio to copy |", "|---|---|---|"]
+        out += [f"| {r['provider']} | {r['p50_ms']:.3f} | {r['ratio']:.3f} |" for r in mm]
     q4 = [r for r in rows if r["mode"] == "nf4"]
     if q4:
         out += ["", "4-bit NF4 base (bf16 activations): time / bf16 cuBLAS x@Wᵀ of the same shape.", "",

@@ -1,4 +1,4 @@
 """Triton backend: @triton.jit kernels and their launchers, one file per op family."""
 from .fused_linear import NF4Operand, backward, forward  # noqa: F401
-from .merge import merge_  # noqa: F401
+from .merge import merge_, merge_group_  # noqa: F401
 from .multi import multi_forward  # noqa: F401

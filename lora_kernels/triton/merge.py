@@ -1,4 +1,8 @@
-"""Triton merge / unmerge: W ← round(W ± s·B·A), one read and one write of W, s·B·A in float32 registers."""
+"""Triton merge / unmerge: W ← round(W ± s·B·A), one read and one write of W, s·B·A in float32 registers.
+
+One kernel body serves one layer and a group of same-shape layers (grid axis 2 = layer): a group passes the
+first layer's tensors plus each layer's distance from them in 16-byte units, so the compiler still knows
+every row start is 16-byte aligned and keeps vector loads."""
 import torch
 import triton
 import triton.language as tl
@@ -13,12 +17,19 @@ def _remerge_bits(w, delta, INT_TY: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, a_ptr, b_ptr, N, K, R, stride_wn, stride_an, stride_bn, scale,
-    UNMERGE: tl.constexpr, INT_TY: tl.constexpr,
+    w_ptr, a_ptr, b_ptr, w_offs, a_offs, b_offs, scales, N, K, R, stride_wn, stride_an, stride_bn, scale,
+    UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr,
+    W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if GROUPED:
+        layer = tl.program_id(2)
+        w_ptr += tl.load(w_offs + layer) * W_VEC
+        a_ptr += tl.load(a_offs + layer) * A_VEC
+        b_ptr += tl.load(b_offs + layer) * B_VEC
+        scale = tl.load(scales + layer)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
@@ -49,14 +60,42 @@ def _merge_kernel(
 _INT = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16}
 
 
+def _blocks(R):
+    block_r = max(16, triton.next_power_of_2(R))
+    block_n, block_k = (16, 32) if configs.interpreting() else (64, 64 if block_r <= 64 else 32)
+    return block_n, block_k, block_r
+
+
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
     N, K = weight.shape
     R = lora_A.shape[0]
     A = lora_A.contiguous()
     B = lora_B.contiguous()
-    block_r = max(16, triton.next_power_of_2(R))
-    block_n, block_k = (16, 32) if configs.interpreting() else (64, 64 if block_r <= 64 else 32)
+    block_n, block_k, block_r = _blocks(R)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _merge_kernel[grid](weight, A, B, N, K, R, weight.stride(0), A.stride(0), B.stride(0), float(scaling),
-                        UNMERGE=unmerge, INT_TY=_INT[weight.dtype],
+    _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
+                        B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype], GROUPED=False,
+                        W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+
+
+def _offsets_16b(tensors):
+    """Each tensor's distance from the first in 16-byte units (all are 16-byte aligned: merge.group_layers)."""
+    base = tensors[0].data_ptr()
+    return torch.tensor([(t.data_ptr() - base) // 16 for t in tensors], dtype=torch.int64,
+                        device=tensors[0].device)
+
+
+def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
+    """merge_ on every layer of a group in one launch: same shape, dtypes and strides; no two weights overlap;
+    every tensor contiguous and 16-byte aligned (the caller groups them so)."""
+    w0, a0, b0 = weights[0], lora_As[0], lora_Bs[0]
+    N, K = w0.shape
+    R = a0.shape[0]
+    block_n, block_k, block_r = _blocks(R)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k), len(weights))
+    scales = torch.tensor(scalings, dtype=torch.float32, device=w0.device)
+    _merge_kernel[grid](w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,
+                        N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
+                        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, W_VEC=16 // w0.element_size(),
+                        A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
                         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)

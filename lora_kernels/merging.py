@@ -1,0 +1,147 @@
+"""merge_model / unmerge_model: fold every LoRA adapter of a model into its base weight, and back.
+
+Layers of one shape (and dtypes) are merged by one kernel launch (ops.merge_group_op), so a 7B model's 224
+adapted linears take a handful of launches instead of 224. Each layer's bits are exactly what merge_ /
+unmerge_ give it alone: re-merge after unmerge is bit-equal, drift never grows.
+
+Served: FusedLoRALinear, and peft LoRA `Linear` layers over an nn.Linear with one active adapter (patched or
+not). Other peft layers (DoRA, lora_bias, fan_in_fan_out, 4-bit bases, several adapters) go through peft's own
+merge / unmerge, and one log line says how many and why.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from typing import Callable, List, NamedTuple
+
+import torch
+from torch import nn
+
+from . import _backends, ops
+from ._checks import check_merge_args
+from .modules import FusedLoRALinear
+from .patch import _base_kind, _peft_linear_classes, _why_not_fusable
+
+log = logging.getLogger("lora_kernels")
+
+
+class _Layer(NamedTuple):
+    name: str
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    done: Callable[[], None]  # marks the layer merged (or unmerged) once its kernel is queued
+
+
+def _peft_reason(m, unmerge: bool):
+    """None when merge_model serves this peft layer itself, else why peft's own merge is used."""
+    if unmerge:
+        if len(m.merged_adapters) != 1:
+            return f"{len(m.merged_adapters)} merged adapters"
+        name = m.merged_adapters[0]
+        if name not in m.lora_A:
+            return "merged adapter has no LoRA weights here"
+    reason = _why_not_fusable(m)
+    if reason in (None, "base weight is trainable") or reason.startswith("dropout module"):
+        # The weight is merged in place either way; dropout does not enter a merge.
+        reason = None if _base_kind(m.get_base_layer()) == "linear" else "4-bit base (peft re-quantises)"
+    return reason
+
+
+def _collect(model: nn.Module, unmerge: bool):
+    ours: List[_Layer] = []
+    theirs, why = [], Counter()
+    peft_classes = _peft_linear_classes()
+    for name, m in model.named_modules():
+        if type(m) is FusedLoRALinear:
+            if m.merged != unmerge:
+                continue
+
+            def done(m=m):
+                m.merged = not unmerge
+            ours.append(_Layer(name, m.weight, m.lora_A, m.lora_B, float(m.scaling), done))
+        elif type(m) in peft_classes:
+            if bool(m.merged) != unmerge:
+                continue
+            reason = _peft_reason(m, unmerge)
+            if reason is not None:
+                theirs.append(m)
+                why[reason] += 1
+                continue
+            adapter = m.merged_adapters[0] if unmerge else m.active_adapters[0]
+
+            def done(m=m, adapter=adapter):
+                if unmerge:
+                    m.merged_adapters.clear()
+                else:
+                    m.merged_adapters.append(adapter)
+            ours.append(_Layer(name, m.get_base_layer().weight, m.lora_A[adapter].weight,
+                               m.lora_B[adapter].weight, float(m.scaling[adapter]), done))
+    return ours, theirs, why
+
+
+def _byte_range(t):
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def group_layers(layers: List[_Layer]) -> List[List[_Layer]]:
+    """Groups that one launch can serve: same shapes, dtypes, strides and device; every tensor contiguous and
+    16-byte aligned; no two weights of a group overlap in memory (tied weights go to separate groups, which
+    then run one after the other). Layers that fit no group form groups of one."""
+    by_key, groups = defaultdict(list), []
+    for layer in layers:
+        w, a, b = layer.weight, layer.lora_A, layer.lora_B
+        if all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (w, a, b)):
+            key = (w.device, w.dtype, tuple(w.shape), a.dtype, tuple(a.shape), b.dtype)
+            by_key[key].append(layer)
+        else:
+            groups.append([layer])
+    for members in by_key.values():
+        waves: List[List[_Layer]] = []
+        for layer in members:
+            lo, hi = _byte_range(layer.weight)
+            for wave in waves:
+                if all(hi <= _byte_range(o.weight)[0] or lo >= _byte_range(o.weight)[1] for o in wave):
+                    wave.append(layer)
+                    break
+            else:
+                waves.append([layer])
+        groups += waves
+    return groups
+
+
+@torch.no_grad()
+def _run(model: nn.Module, unmerge: bool, backend: str) -> nn.Module:
+    ours, theirs, why = _collect(model, unmerge)
+    for layer in ours:  # everything is checked before any weight changes
+        try:
+            check_merge_args(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{layer.name}: {e}") from None
+    groups = group_layers(ours)
+    # A weight shared by several layers gets their adapters in group order; unmerge takes them off in reverse.
+    for group in reversed(groups) if unmerge else groups:
+        w0 = group[0].weight
+        ops.merge_group_op([g.weight for g in group], [g.lora_A for g in group], [g.lora_B for g in group],
+                           [g.scaling for g in group], unmerge, _backends.resolve_merge(backend, w0))
+        for g in group:
+            g.done()
+    for m in theirs:
+        m.unmerge() if unmerge else m.merge()
+    op = "unmerge" if unmerge else "merge"
+    detail = "; ".join(f"{n} through peft's own {op} ({reason})" for reason, n in why.items())
+    log.info(f"lora_kernels.{op}_model: {len(ours)} layers {op}d in {len(groups)} groups"
+             + (f"; {detail}" if detail else ""))
+    return model
+
+
+def merge_model(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Merge every LoRA adapter of `model` into its base weight, in place (grouped launches). Returns model."""
+    return _run(model, False, backend)
+
+
+def unmerge_model(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Undo merge_model (and FusedLoRALinear.merge / peft's merge): the re-merge is bit-equal. Returns model."""
+    return _run(model, True, backend)

@@ -1,0 +1,158 @@
+"""merge_model / unmerge_model: grouped launches give every layer the bits merge_ / unmerge_ give it alone."""
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.merging import group_layers, _collect
+
+BACKENDS = ["torch"] + (["triton"] if lk.triton_available() else [])
+
+
+def _layers(dtype, seed=0):
+    """Five layers of one shape, two of another, one with a different rank, one sharing another's weight."""
+    torch.manual_seed(seed)
+    mk = lambda k, n, r: lk.FusedLoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=dtype)  # noqa: E731
+    layers = nn.ModuleList([mk(48, 40, 4) for _ in range(5)] + [mk(40, 24, 4) for _ in range(2)] + [mk(48, 40, 8)])
+    tied = mk(48, 40, 4)
+    tied.weight = layers[0].weight
+    layers.append(tied)
+    for m in layers:
+        nn.init.normal_(m.lora_B)
+    return layers
+
+
+def _one_by_one(layers, fn, backend):
+    out = {}
+    for m in layers:  # a tied weight gets both adapters, in module order, as merge_model does
+        w = out.setdefault(id(m.weight), m.weight.detach().clone())
+        fn(w, m.lora_A.detach(), m.lora_B.detach(), m.scaling, backend=backend)
+    return [out[id(m.weight)] for m in layers]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_merge_is_bit_equal_to_single_layer_merges(backend, dtype):
+    layers = _layers(dtype)
+    original = [m.weight.detach().clone() for m in layers]
+    expect = _one_by_one(layers, lk.merge_, backend)
+    lk.merge_model(layers, backend=backend)
+    assert all(m.merged for m in layers)
+    for got, want in zip(layers, expect):
+        assert torch.equal(got.weight.view(torch.uint8), want.view(torch.uint8))
+    merged = [m.weight.detach().clone() for m in layers]
+    lk.unmerge_model(layers, backend=backend)
+    assert not any(m.merged for m in layers)
+    size = {}  # per weight: |W| + every |s·B·A| it carries, the scale of the roundings a merge makes
+    for m, w0 in zip(layers, original):
+        delta = (m.scaling * m.lora_B.double() @ m.lora_A.double()).abs()
+        size[id(m.weight)] = size.get(id(m.weight), w0.double().abs()) + delta
+    for m, w0 in zip(layers, original):  # unmerge lands within the merge's rounding of the original
+        err = (m.weight.double() - w0.double()).abs()
+        assert (err <= 2 * torch.finfo(dtype).eps * size[id(m.weight)] + 1e-30).all()
+    lk.merge_model(layers, backend=backend)  # and re-merge is bit-equal, so drift never grows
+    for i, (m, w) in enumerate(zip(layers, merged)):
+        if i in (0, len(layers) - 1):
+            # A weight carrying two adapters: unmerging the second leaves a preimage that the first adapter's
+            # rounding may not reach exactly, so only closeness holds there.
+            assert torch.allclose(m.weight, w, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
+        else:
+            assert torch.equal(m.weight.view(torch.uint8), w.view(torch.uint8))
+
+
+def test_groups_are_few_and_never_hold_overlapping_weights():
+    layers = _layers(torch.float32)
+    ours, _, _ = _collect(layers, unmerge=False)
+    groups = group_layers(ours)
+    # 48x40 r=4: the 5 + tied layer, split in two waves because of the shared weight; 40x24; 48x40 r=8.
+    assert sorted(len(g) for g in groups) == [1, 1, 2, 5]
+    for g in groups:
+        ptrs = [layer.weight.data_ptr() for layer in g]
+        assert len(set(ptrs)) == len(ptrs)
+    # A view that starts off a 16-byte boundary cannot join a group; it still merges, alone.
+    big = torch.randn(41 * 48)
+    odd = lk.FusedLoRALinear(48, 40, r=4, dtype=torch.float32)
+    odd.weight = nn.Parameter(big[1:1 + 40 * 48].view(40, 48), requires_grad=False)
+    ours, _, _ = _collect(nn.ModuleList([odd, layers[1]]), unmerge=False)
+    assert sorted(len(g) for g in group_layers(ours)) == [1, 1]
+
+
+def test_bad_layer_raises_with_its_name_and_changes_nothing():
+    layers = _layers(torch.float32)
+    layers[3].scaling = float("inf")
+    before = [m.weight.detach().clone() for m in layers]
+    with pytest.raises(ValueError, match=r"^3: scaling"):
+        lk.merge_model(layers)
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, before))
+    assert not any(m.merged for m in layers)
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_peft_model_merge_matches_peft_and_round_trips(patched, caplog):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from test_patch import _tiny_llama
+    model = _tiny_llama()
+    if patched:
+        lk.patch(model)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with caplog.at_level("INFO", logger="lora_kernels"):
+        lk.merge_model(model)
+    assert "14 layers merged" in caplog.text
+    lora = [m for m in model.modules() if hasattr(m, "merged_adapters")]
+    assert len(lora) == 14 and all(m.merged_adapters == ["default"] for m in lora)
+    with torch.no_grad():
+        merged_out = model(input_ids=ids).logits  # peft's forward on a merged layer: base only
+    torch.testing.assert_close(merged_out, before, rtol=1e-4, atol=1e-4)
+    merged = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    lk.unmerge_model(model)
+    assert not any(m.merged for m in lora)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    model.merge_adapter()  # peft's own merge and our unmerge agree to an ulp; ours re-merges bit-equal
+    lk.unmerge_model(model)
+    lk.merge_model(model)
+    for n, p in model.named_parameters():
+        if n in merged:
+            assert torch.equal(p, merged[n]), n
+
+
+def test_peft_layers_it_cannot_serve_use_peft_merge(caplog):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from test_patch import _tiny_llama
+    model = _tiny_llama(use_dora=True)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    with caplog.at_level("INFO", logger="lora_kernels"):
+        lk.merge_model(model)
+    assert "0 layers merged" in caplog.text and "14 through peft's own merge (DoRA" in caplog.text
+    assert all(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+    changed = [n for n, p in model.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+    assert len(changed) == 14
+
+
+def test_opcheck_merge_group():
+    from lora_kernels import ops
+    torch.manual_seed(0)
+    ws = [torch.randn(40, 48) for _ in range(3)]
+    As, Bs = [torch.randn(4, 48) for _ in range(3)], [torch.randn(40, 4) for _ in range(3)]
+    torch.library.opcheck(ops.merge_group_op, (ws, As, Bs, [0.5, 1.0, 2.0], False, "torch"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grouped_merge_on_gpu_is_bit_equal(backend, dtype):
+    if backend == "cuda" and not lk.cuda_ext_available():
+        pytest.skip("the CUDA extension is not built")
+    layers = _layers(dtype).cuda()
+    expect = _one_by_one(layers, lk.merge_, backend)
+    lk.merge_model(layers, backend=backend)
+    for got, want in zip(layers, expect):
+        assert torch.equal(got.weight.view(torch.uint8), want.view(torch.uint8))
+    expect = _one_by_one(list(layers)[::-1], lk.unmerge_, backend)[::-1]
+    lk.unmerge_model(layers, backend=backend)
+    for got, want in zip(layers, expect):
+        assert torch.equal(got.weight.view(torch.uint8), want.view(torch.uint8))
