@@ -109,7 +109,14 @@ def _choose(backend: str, device_type: str, device: str, is_f64: bool, prefer: t
     for name in prefer:
         if available[name]():
             why = reason if name == prefer[0] else f"{prefer[0]} unavailable"
-            _once((name, what, device, why), f"lora_kernels: {what} on {device} -> {name} backend ({why})")
+            slower = name != prefer[0] and what == "fused linear"
+            if slower:
+                # Measured on an H200 (bench/results/nvidia-h200-20261129-d51e6fb-e2e*.md): a patched 1.1B
+                # Llama's eager training step took 251 ms on Triton against 99 ms with the extension.
+                why += ("; the Triton path is measured 2.5x slower per training step than the CUDA extension: "
+                        "install where nvcc and a CUDA build of torch are found to build it")
+            _once((name, what, device, why), f"lora_kernels: {what} on {device} -> {name} backend ({why})",
+                  warn=slower)
             return name
     _once(("slow", what, device), f"lora_kernels: neither triton nor the CUDA extension is available on "
           f"{device}; {what} runs the unfused torch reference (slow)", warn=True)
