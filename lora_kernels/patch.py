@@ -1,7 +1,8 @@
 """patch(model): give an existing model's LoRA layers the fused forward, changing nothing else.
 
 peft models: each peft LoRA `Linear` keeps its class, parameters, state_dict keys and save_pretrained
-output; only its instance `forward` is replaced. Layers the fused op can't serve (DoRA and other
+output; only its instance `forward`, `merge` and `unmerge` are replaced (merges then run the bit-exact
+kernels of ops.merge_, also inside peft's `merge_and_unload()` / `merge_adapter()` / `unmerge_adapter()`). Layers the fused op can't serve (DoRA and other
 variants, several active adapters, lora_bias, fan_in_fan_out, bases other than nn.Linear or a bitsandbytes
 NF4 Linear4bit, a trainable base weight) keep peft's forward, and one log line lists them with the reason.
 
@@ -110,6 +111,51 @@ def _fused_peft_forward(self, x, *args, **kwargs):
     return y.to(out_dtype)
 
 
+def _plain_lora(m, names) -> bool:
+    """True when every adapter in names is plain LoRA over an nn.Linear, which merge_ / unmerge_ serve."""
+    if _base_kind(m.get_base_layer()) != "linear" or getattr(m, "fan_in_fan_out", False):
+        return False
+    return all(n in m.lora_A and n not in getattr(m, "lora_variant", {})
+               and not getattr(m, "use_dora", {}).get(n, False) and not getattr(m, "lora_bias", {}).get(n, False)
+               for n in names)
+
+
+def _adapter(m, n):
+    return m.lora_A[n].weight.detach(), m.lora_B[n].weight.detach(), float(m.scaling[n])
+
+
+@torch.no_grad()
+def _fused_peft_merge(self, safe_merge: bool = False, adapter_names=None):
+    """peft's merge (same arguments, same bookkeeping) with W ← round(W + s·B·A) rounded once."""
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+    names = check_adapters_to_merge(self, adapter_names)
+    if not names:
+        return
+    if not _plain_lora(self, names):
+        return type(self).merge(self, safe_merge=safe_merge, adapter_names=names)
+    weight = self.get_base_layer().weight
+    target = weight.detach().clone() if safe_merge else weight
+    for n in names:
+        ops.merge_(target, *_adapter(self, n), backend=getattr(self, _MARK))
+    if safe_merge:
+        if not torch.isfinite(target).all():
+            raise ValueError(f"merging adapter(s) {names} would put NaN or inf into the weight; weight unchanged")
+        weight.copy_(target)
+    self.merged_adapters.extend(names)
+
+
+@torch.no_grad()
+def _fused_peft_unmerge(self):
+    """peft's unmerge with the bit-exact inverse: merging again restores the merged weight bit for bit."""
+    names = list(self.merged_adapters)
+    if not names or not _plain_lora(self, names):
+        return type(self).unmerge(self)
+    weight = self.get_base_layer().weight
+    for n in reversed(names):  # last merged, first off, as peft does
+        ops.unmerge_(weight, *_adapter(self, n), backend=getattr(self, _MARK))
+    self.merged_adapters.clear()
+
+
 def patch(model: nn.Module, backend: str = "auto", *, target_modules: Optional[Iterable[str]] = None,
           r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
     """Accelerate `model` in place and return it. See the module docstring for what is served."""
@@ -123,6 +169,8 @@ def patch(model: nn.Module, backend: str = "auto", *, target_modules: Optional[I
                 continue
             setattr(m, _MARK, backend)
             m.forward = types.MethodType(_fused_peft_forward, m)
+            m.merge = types.MethodType(_fused_peft_merge, m)
+            m.unmerge = types.MethodType(_fused_peft_unmerge, m)
             fused += 1
     if target_modules is not None:
         fused += _wrap_plain_linears(model, set(target_modules), backend, r, lora_alpha, lora_dropout, use_rslora)
@@ -148,7 +196,7 @@ def unpatch(model: nn.Module, *, merge: bool = False) -> nn.Module:
     (their adapters folded into the weight when merge=True, dropped otherwise)."""
     for m in model.modules():
         if hasattr(m, _MARK):
-            del m.forward
+            del m.forward, m.merge, m.unmerge
             delattr(m, _MARK)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

@@ -94,7 +94,7 @@ def test_unpatch_restores_forward():
     lk.patch(model)
     lk.unpatch(model)
     assert _fused_layers(model) == []
-    assert all("forward" not in vars(m) for m in model.modules())
+    assert all(not {"forward", "merge", "unmerge"} & set(vars(m)) for m in model.modules())
 
 
 def test_compile_fullgraph_over_patched_block():
@@ -172,3 +172,41 @@ def test_compiled_dropout_draws_one_seed_per_layer():
     compiled = torch.compile(model, backend="aot_eager_decomp_partition")   # the partitioner that runs CSE
     torch.manual_seed(5)
     torch.testing.assert_close(compiled(input_ids=ids).logits, eager)
+
+
+def test_patched_peft_merges_are_bit_exact_and_keep_peft_bookkeeping():
+    model = _tiny_llama()
+    lk.patch(model)
+    layers = _fused_layers(model)
+    originals = [m.get_base_layer().weight.detach().clone() for m in layers]
+    expect = []
+    for m, w in zip(layers, originals):
+        w = w.clone()
+        lk.merge_(w, m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), m.scaling["default"])
+        expect.append(w)
+    model.merge_adapter()
+    assert all(m.merged_adapters == ["default"] for m in layers)
+    assert all(torch.equal(m.get_base_layer().weight, w) for m, w in zip(layers, expect))
+    model.unmerge_adapter()
+    assert not any(m.merged for m in layers)
+    for _ in range(3):  # cycles never drift: each re-merge is bit-equal to the first
+        model.merge_adapter()
+        assert all(torch.equal(m.get_base_layer().weight, w) for m, w in zip(layers, expect))
+        model.unmerge_adapter()
+    # merge_and_unload goes through the same kernel and hands back plain nn.Linear layers
+    merged = model.merge_and_unload()
+    linears = [m for n, m in merged.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert linears and all(type(m) is nn.Linear for m in linears)
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, expect[0])
+
+
+def test_patched_safe_merge_refuses_a_broken_adapter():
+    model = _tiny_llama()
+    lk.patch(model)
+    layer = _fused_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    before = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before) and not layer.merged
