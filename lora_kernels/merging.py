@@ -20,6 +20,7 @@ from torch import nn
 from . import _backends, ops
 from ._checks import check_merge_args
 from .modules import FusedLoRALinear
+from .nf4 import FusedLoRALinear4bit
 from .patch import _base_kind, _peft_linear_classes, _why_not_fusable
 
 log = logging.getLogger("lora_kernels")
@@ -51,7 +52,7 @@ def _peft_reason(m, unmerge: bool):
 
 def _collect(model: nn.Module, unmerge: bool):
     ours: List[_Layer] = []
-    theirs, why = [], Counter()
+    theirs, why, skipped = [], Counter(), Counter()
     peft_classes = _peft_linear_classes()
     for name, m in model.named_modules():
         if type(m) is FusedLoRALinear:
@@ -61,6 +62,8 @@ def _collect(model: nn.Module, unmerge: bool):
             def done(m=m):
                 m.merged = not unmerge
             ours.append(_Layer(name, m.weight, m.lora_A, m.lora_B, float(m.scaling), done))
+        elif type(m) is FusedLoRALinear4bit:
+            skipped["FusedLoRALinear4bit: a 4-bit base is not merged; dequantise it to a FusedLoRALinear first"] += 1
         elif type(m) in peft_classes:
             if bool(m.merged) != unmerge:
                 continue
@@ -78,7 +81,7 @@ def _collect(model: nn.Module, unmerge: bool):
                     m.merged_adapters.append(adapter)
             ours.append(_Layer(name, m.get_base_layer().weight, m.lora_A[adapter].weight,
                                m.lora_B[adapter].weight, float(m.scaling[adapter]), done))
-    return ours, theirs, why
+    return ours, theirs, why, skipped
 
 
 def _byte_range(t):
@@ -114,7 +117,7 @@ def group_layers(layers: List[_Layer]) -> List[List[_Layer]]:
 
 @torch.no_grad()
 def _run(model: nn.Module, unmerge: bool, backend: str) -> nn.Module:
-    ours, theirs, why = _collect(model, unmerge)
+    ours, theirs, why, skipped = _collect(model, unmerge)
     for layer in ours:  # everything is checked before any weight changes
         try:
             check_merge_args(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
@@ -131,7 +134,8 @@ def _run(model: nn.Module, unmerge: bool, backend: str) -> nn.Module:
     for m in theirs:
         m.unmerge() if unmerge else m.merge()
     op = "unmerge" if unmerge else "merge"
-    detail = "; ".join(f"{n} through peft's own {op} ({reason})" for reason, n in why.items())
+    detail = "; ".join([f"{n} through peft's own {op} ({reason})" for reason, n in why.items()]
+                       + [f"{n} left as they are ({reason})" for reason, n in skipped.items()])
     log.info(f"lora_kernels.{op}_model: {len(ours)} layers {op}d in {len(groups)} groups"
              + (f"; {detail}" if detail else ""))
     return model

@@ -62,7 +62,7 @@ def test_grouped_merge_is_bit_equal_to_single_layer_merges(backend, dtype):
 
 def test_groups_are_few_and_never_hold_overlapping_weights():
     layers = _layers(torch.float32)
-    ours, _, _ = _collect(layers, unmerge=False)
+    ours, *_ = _collect(layers, unmerge=False)
     groups = group_layers(ours)
     # 48x40 r=4: the 5 + tied layer, split in two waves because of the shared weight; 40x24; 48x40 r=8.
     assert sorted(len(g) for g in groups) == [1, 1, 2, 5]
@@ -73,7 +73,7 @@ def test_groups_are_few_and_never_hold_overlapping_weights():
     big = torch.randn(41 * 48)
     odd = lk.FusedLoRALinear(48, 40, r=4, dtype=torch.float32)
     odd.weight = nn.Parameter(big[1:1 + 40 * 48].view(40, 48), requires_grad=False)
-    ours, _, _ = _collect(nn.ModuleList([odd, layers[1]]), unmerge=False)
+    ours, *_ = _collect(nn.ModuleList([odd, layers[1]]), unmerge=False)
     assert sorted(len(g) for g in group_layers(ours)) == [1, 1]
 
 
@@ -156,3 +156,15 @@ def test_grouped_merge_on_gpu_is_bit_equal(backend, dtype):
     lk.unmerge_model(layers, backend=backend)
     for got, want in zip(layers, expect):
         assert torch.equal(got.weight.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_4bit_layers_are_left_as_they_are_and_said(caplog):
+    from lora_kernels.nf4 import quantize_nf4
+    torch.manual_seed(0)
+    q = lk.FusedLoRALinear4bit.from_nf4(quantize_nf4(torch.randn(40, 64)), r=4)
+    model = nn.ModuleList([q, lk.FusedLoRALinear(48, 40, r=4)])
+    before = q.qweight.packed.clone()
+    with caplog.at_level("INFO", logger="lora_kernels"):
+        lk.merge_model(model)
+    assert "1 layers merged" in caplog.text and "1 left as they are (FusedLoRALinear4bit" in caplog.text
+    assert torch.equal(q.qweight.packed, before) and model[1].merged
