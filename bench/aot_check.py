@@ -117,8 +117,12 @@ def variants():
     rr_ptrs = {"*": "*bf16", "s_ptr": "*fp32", "out_ptr": "*fp32", "colsum_ptr": "*fp32", "scale_ptr": "*fp32",
                "seed_ptr": "*i64"}
     yield "reduce rows (dA/dB, dbias)", fl._reduce_rows_kernel, rr_ptrs, rr, dict(num_warps=4, num_stages=3)
-    m = dict(UNMERGE=True, INT_TY=tl.int16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
+    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=64, BLOCK_K=64,
+             BLOCK_R=16)
     yield "merge bf16 unmerge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, m, dict(num_warps=4)
+    g = dict(m, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)
+    offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}
+    yield "merge bf16 grouped (merge_model)", mg._merge_kernel, offs, g, dict(num_warps=4)
 
 
 def _ptxas_usage(ptx: str):

@@ -17,7 +17,7 @@ def _remerge_bits(w, delta, INT_TY: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, a_ptr, b_ptr, w_offs, a_offs, b_offs, scales, N, K, R, stride_wn, stride_an, stride_bn, scale,
+    w_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr, N, K, R, stride_wn, stride_an, stride_bn, scale,
     UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr,
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -26,10 +26,10 @@ def _merge_kernel(
     pid_k = tl.program_id(1)
     if GROUPED:
         layer = tl.program_id(2)
-        w_ptr += tl.load(w_offs + layer) * W_VEC
-        a_ptr += tl.load(a_offs + layer) * A_VEC
-        b_ptr += tl.load(b_offs + layer) * B_VEC
-        scale = tl.load(scales + layer)
+        w_ptr += tl.load(w_offs_ptr + layer) * W_VEC
+        a_ptr += tl.load(a_offs_ptr + layer) * A_VEC
+        b_ptr += tl.load(b_offs_ptr + layer) * B_VEC
+        scale = tl.load(scales_ptr + layer)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
