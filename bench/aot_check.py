@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lora_kernels.triton import fused_linear as fl  # noqa: E402
 from lora_kernels.triton import merge as mg  # noqa: E402
+from lora_kernels.triton import splitk as sk_mod  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"scale", "keep_scale"}
@@ -29,7 +30,8 @@ FLOAT_ARGS = {"scale", "keep_scale"}
 # What the JIT specialises at run time on typical shapes: integer arguments equal to 1 become constants
 # (unit strides), pointers and integers divisible by 16 carry that fact. Compiling without it would hide the
 # vectorised, pipelined loads the kernels really get.
-UNIT = {"stride_ak", "stride_bk", "stride_cn", "stride_lr", "stride_rr", "stride_xk", "stride_or", "stride_xc",
+UNIT = {"stride_ak", "stride_bk", "stride_wk",
+        "stride_cn", "stride_lr", "stride_rr", "stride_xk", "stride_or", "stride_xc",
         "stride_sr", "stride_oc", "stride_fak"}
 ODD = {"R", "threshold", "M_BUCKET", "stride_an", "stride_bn_merge"}
 
@@ -120,6 +122,15 @@ def variants():
     m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=64, BLOCK_K=64,
              BLOCK_R=16)
     yield "merge bf16 unmerge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, m, dict(num_warps=4)
+    sk = dict(NF4=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16)
+    sk_ptrs = {"*": "*bf16", "part_ptr": "*fp32", "xa_part_ptr": "*fp32", "a_ptr": "*fp32", "absmax_ptr": "*fp32",
+               "code_ptr": "*fp32"}
+    yield "split-K decode partials bf16", sk_mod._splitk_partial_kernel, sk_ptrs, sk, dict(num_warps=4, num_stages=3)
+    yield "split-K decode partials NF4", sk_mod._splitk_partial_kernel, dict(sk_ptrs, w_ptr="*u8"), \
+        dict(sk, NF4=True), dict(num_warps=4, num_stages=3)
+    red = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_R=16)
+    yield "split-K decode reduce + LoRA + bias", sk_mod._splitk_reduce_kernel, \
+        {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)
     g = dict(m, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)
     offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}
     yield "merge bf16 grouped (merge_model)", mg._merge_kernel, offs, g, dict(num_warps=4)

@@ -3,6 +3,7 @@
     synccheck, initcheck); naming backends runs only theirs, so each can be its own (parallel) sanitized process.
 Covers: fused linear forward / backward with and without dropout (Triton; CUDA: decode kernel, dropout and
 adapter-cast kernel, low-rank dx kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels."""
+import os
 import sys
 
 import torch
@@ -37,12 +38,20 @@ for backend in backends:
         ids = torch.randint(-1, S, (M,), device=dev, dtype=torch.int32)
         lk.multi_lora_linear(x, w, torch.randn(S, R, K, device=dev), torch.randn(S, N, R, device=dev),
                              torch.rand(S, device=dev), ids, backend="triton")
+        # the split-K few-rows forward, forced (dense and NF4 below), at odd N and K
+        os.environ["LORA_KERNELS_DECODE"] = "splitk"
+        for M in (1, 17):
+            x = torch.randn(M, 200, device=dev, dtype=torch.bfloat16)
+            lk.lora_linear(x, torch.randn(90, 200, device=dev, dtype=torch.bfloat16), torch.randn(8, 200, device=dev),
+                           torch.randn(90, 8, device=dev), 0.5, torch.randn(90, device=dev, dtype=torch.bfloat16),
+                           backend="triton")
         from lora_kernels.nf4 import quantize_nf4
         for M in (1, 37):
             q = quantize_nf4(torch.randn(96, 192, device=dev, dtype=torch.bfloat16))
             x = torch.randn(M, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
             a = (torch.randn(8, 192, device=dev) / 14).requires_grad_()
             b = torch.randn(96, 8, device=dev).requires_grad_()
-            lk.lora4_linear(x, q, a, b, 0.5, dropout_p=0.1, backend="triton").float().sum().backward()
+            for p in (0.0, 0.1):  # p = 0 takes the split-K forward
+                lk.lora4_linear(x, q, a, b, 0.5, dropout_p=p, backend="triton").float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize cases ran:", backends)

@@ -10,5 +10,6 @@ from .nf4 import FusedLoRALinear4bit, lora4_linear  # noqa: F401
 from . import io, nf4  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["FusedLoRALinear", "lora_linear", "merge_", "unmerge_", "reference",
-           "triton_available", "cuda_ext_available", "patch", "unpatch", "merge_model", "unmerge_model", "LoRAAdapterBank", "multi_lora_linear", "FusedLoRALinear4bit", "lora4_linear"]
+__all__ = ["FusedLoRALinear", "lora_linear", "merge_", "unmerge_", "reference", "triton_available",
+           "cuda_ext_available", "patch", "unpatch", "merge_model", "unmerge_model", "LoRAAdapterBank",
+           "multi_lora_linear", "FusedLoRALinear4bit", "lora4_linear"]

@@ -2,6 +2,8 @@
 bitsandbytes Linear4bit where bitsandbytes is installed."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -10,7 +12,19 @@ from . import providers as P
 from .gpu import time_fn
 
 SHAPES = [(4096, 4096), (4096, 14336)]
-MS = [1, 8192]
+MS = [1, 16, 8192]
+
+
+def _forced(path, fn):
+    """fn with the few-rows forward forced to one path (triton/splitk.py), to show both next to the choice."""
+    def run():
+        before = os.environ.get("LORA_KERNELS_DECODE")
+        os.environ["LORA_KERNELS_DECODE"] = path
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LORA_KERNELS_DECODE") if before is None else os.environ.update(LORA_KERNELS_DECODE=before)
+    return run
 
 
 def _bnb_peft(weight, r):
@@ -40,6 +54,8 @@ def run(r=16, log=print):
         for M in MS:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             fns = {"base": lambda: x @ w.t(), "triton": lambda: layer(x)}
+            if M <= 64:
+                fns.update(triton_gemm=_forced("gemm", fns["triton"]), triton_splitk=_forced("splitk", fns["triton"]))
             if bnb_layer is not None:
                 fns["bnb_peft"] = lambda: bnb_layer(x)
             base_ms = None

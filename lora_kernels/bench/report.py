@@ -60,8 +60,8 @@ def markdown(rows, meta) -> str:
             out.append(f"| {r['M']} | {r['adapters']} | {r['provider']} | {r['p50_ms']:.4f} | {r['ratio']:.3f} | {v} |")
     mm = [r for r in rows if r["mode"] == "merge_model"]
     if mm:
-        out += ["", f"Whole-model merge ({mm[0]['M']} Llama-2-7B-shaped linears, r={mm[0]['r']}): (merge + unmerge) / 2 "
-                "over the time to copy every adapted weight once.", "",
+        out += ["", f"Whole-model merge ({mm[0]['M']} Llama-2-7B-shaped linears, r={mm[0]['r']}): "
+                "(merge + unmerge) / 2 over the time to copy every adapted weight once.", "",
                 "| provider | ms | ratio to copy |", "|---|---|---|"]
         out += [f"| {r['provider']} | {r['p50_ms']:.3f} | {r['ratio']:.3f} |" for r in mm]
     q4 = [r for r in rows if r["mode"] == "nf4"]

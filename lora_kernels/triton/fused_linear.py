@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, splitk
 from .dropout import keep_mask, load_seed
 from .nf4_tile import NF4B, NF4Operand, dequant_rows, nf4_layout
 
@@ -451,6 +451,18 @@ def reduce_rows(x, s_mat, *, scale=1.0, scale_t=None, dropout=None, colsum=False
 def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, allow_tf32=False):
     """Returns (y, xa) with xa = dropout(x)·Aᵀ in float32, saved for backward."""
     drop = Dropout(seed, dropout_p)
+    if splitk.applies(x2d, weight, lora_A, drop.on):
+        args = (x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, allow_tf32)
+        key = (x2d.device, x2d.shape, tuple(weight.shape), lora_A.shape[0], x2d.dtype, lora_A.dtype, lora_B.dtype,
+               isinstance(weight, NF4Operand) or weight.dtype, bias is not None, scaling_t is not None, allow_tf32)
+        run_splitk = functools.partial(splitk.forward, *args[:-1], precision=_precision(x2d.dtype, allow_tf32))
+        run_gemm = functools.partial(_gemm_forward, *args[:-1], drop, allow_tf32)
+        if splitk.choose_path(key, run_gemm, run_splitk) == "splitk":
+            return run_splitk()
+    return _gemm_forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, drop, allow_tf32)
+
+
+def _gemm_forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, drop, allow_tf32):
     y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
     if configs.fold_xa(x2d.shape[0], lora_A.shape[0], drop.on, x2d.element_size()):
         # Small M: x·Aᵀ rides along in the GEMM's main loop (one launch, x read once).

@@ -17,7 +17,8 @@ def _remerge_bits(w, delta, INT_TY: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr, N, K, R, stride_wn, stride_an, stride_bn, scale,
+    w_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr,
+    N, K, R, stride_wn, stride_an, stride_bn, scale,
     UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr,
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,

@@ -1,0 +1,178 @@
+"""Split-K forward for few rows (decode, M <= 64): W streamed by many programs at once.
+
+The GEMM of fused_linear gives each program a column block of y and all of K: at 16 rows and N = 4096 that
+is 64-256 programs, too few to keep HBM busy. Here program (n, s) reduces K slice s for column block n:
+
+    partial   P[s]  = x[:, Ks]·W[n, Ks]ᵀ     and, in column block 0 only, Q[s] = x[:, Ks]·A[:, Ks]ᵀ
+    reduce    y     = Σ_s P[s] + (s·Σ_s Q[s])·Bᵀ + bias,   xa = Σ_s Q[s] (saved for backward)
+
+Two launches instead of one, so the choice against the GEMM path is made per shape by measured wall time
+(choose_path). No dropout (the GEMM path keeps it).
+Partial sums go to separate slices and are added in a fixed order: results are deterministic.
+"""
+import os
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .nf4_tile import NF4Operand, dequant_rows
+
+MAX_ROWS = 64
+MAX_RANK = 128
+
+
+@triton.jit
+def _splitk_partial_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, part_ptr, xa_part_ptr,
+    M, N, K, R, K_PER_SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak,
+    NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)  # wrapped: loads stay in bounds, stores are masked
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_start = pid_s * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if NF4:
+            # W's rows, K a multiple of 64; columns past K wrap to finite values that meet x's zeros
+            w = dequant_rows(w_ptr, absmax_ptr, code_ptr, rn, rn >= 0, k0, K, BLOCK_N, BLOCK_K).to(x.dtype)
+        else:
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if pid_n == 0:
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
+            xa = tl.dot(x, tl.trans(a.to(x.dtype)), xa, input_precision=DOT_PRECISION)
+    tl.store(part_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :], acc,
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
+    if pid_n == 0:
+        tl.store(xa_part_ptr + (pid_s * M + rm[:, None]) * R + rr[None, :], xa, mask=m_ok[:, None] & (rr[None, :] < R))
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, xa_part_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr,
+    M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale,
+    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    n_ok = offs_n < N
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + (s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        xa += tl.load(xa_part_ptr + (s * M + rm[:, None]) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                      other=0.0)
+    if pid_n == 0:
+        tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
+    if SCALE_FROM_PTR:
+        s_val = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s_val = scale
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
+                other=0.0)
+    acc = tl.dot((xa * s_val).to(DT), tl.trans(b.to(DT)), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + offs_n[None, :], acc.to(DT), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def applies(x2d, weight, lora_A, dropout_on: bool) -> bool:
+    """Shapes this path serves: few rows, no dropout, x rows contiguous, rank up to MAX_RANK, and for a 4-bit
+    W a row length that is a multiple of 64 (whole absmax blocks per row)."""
+    M, K = x2d.shape
+    if not (0 < M <= MAX_ROWS) or dropout_on or lora_A.shape[0] > MAX_RANK or x2d.stride(1) != 1:
+        return False
+    return K % 64 == 0 if isinstance(weight, NF4Operand) else True
+
+
+def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
+    """(y, xa) as fused_linear.forward returns them, for the shapes `applies` accepts."""
+    M, K = x2d.shape
+    N, R = lora_B.shape
+    nf4 = isinstance(weight, NF4Operand)
+    block_m, block_r = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(R))
+    block_n, block_k = (16, 64) if configs.interpreting() else (64, 128)
+    n_blocks = triton.cdiv(N, block_n)
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count if x2d.is_cuda else 8
+    # About four programs per SM, but partial sums (split·M·N floats, written and read once) kept under an
+    # eighth of W's bytes.
+    w_bytes = 0.5 if nf4 else weight.element_size()
+    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(4 * sms, n_blocks), int(K * w_bytes) // (32 * M)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    dev = x2d.device
+    part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
+    xa_part = torch.empty((split, M, R), device=dev, dtype=torch.float32)
+    if nf4:
+        w, absmax, code, swn, swk = weight.packed, weight.absmax, weight.code, K, 1
+    else:
+        w, absmax, code, swn, swk = weight, x2d, x2d, weight.stride(0), weight.stride(1)
+    _splitk_partial_kernel[(n_blocks, split)](
+        x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0), swn, swk,
+        lora_A.stride(0), lora_A.stride(1), NF4=nf4, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    y = torch.empty((M, N), device=dev, dtype=x2d.dtype)
+    xa = torch.empty((M, R), device=dev, dtype=torch.float32)
+    from_ptr = scale_t is not None
+    _splitk_reduce_kernel[(n_blocks,)](
+        part, xa_part, lora_B, bias if bias is not None else x2d, scale_t if from_ptr else x2d, y, xa,
+        M, N, R, split, lora_B.stride(0), lora_B.stride(1), y.stride(0), 1.0 if from_ptr else float(scale),
+        HAS_BIAS=bias is not None, SCALE_FROM_PTR=from_ptr, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+    return y, xa
+
+
+# ----------------------------------------------------------------------------------------------
+# Which path serves a shape: measured once per shape, on its first eager call.
+
+_chosen: dict = {}
+
+
+def _wall_ms(fn, reps=20):
+    """Wall time per call issued back to back: GPU time where the GPU is the bound, host time where the
+    host is (eager decode often is: the split-K path's extra launch must pay for itself)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def choose_path(key, gemm, splitk) -> str:
+    """'gemm' or 'splitk' for this shape key, one choice per shape so that eager calls and CUDA-graph replays
+    give the same bits. LORA_KERNELS_DECODE=gemm|splitk forces one; otherwise both are timed on the shape's
+    first call and the faster kept. A first call inside CUDA-graph capture or under sync-debug mode (where
+    timing would synchronise) takes the GEMM path without deciding."""
+    forced = os.environ.get("LORA_KERNELS_DECODE")
+    if forced in ("gemm", "splitk"):
+        return forced
+    pick = _chosen.get(key)
+    if pick is None:
+        if (configs.interpreting() or torch.cuda.is_current_stream_capturing()
+                or torch.cuda.get_sync_debug_mode() != 0):
+            return "gemm"
+        pick = _chosen[key] = "splitk" if _wall_ms(splitk) < _wall_ms(gemm) else "gemm"
+    return pick

@@ -1,0 +1,110 @@
+"""The split-K forward for few rows (lora_kernels/triton/splitk.py): the oracle rule on its own, NF4 included,
+and the rule that picks it (forced, measured once per shape, never inside capture or sync-debug mode)."""
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.nf4 import dequantize_nf4, quantize_nf4
+from lora_kernels.triton import splitk
+from helpers import make_inputs, oracle_check
+
+pytestmark = pytest.mark.skipif(not lk.triton_available(), reason="needs triton")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _count_splitk(monkeypatch):
+    calls = []
+    orig = splitk.forward
+    monkeypatch.setattr(splitk, "forward", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M, K, N, r, dtype, adapter_fp32, bias", [
+    (1, 128, 40, 4, torch.float16, False, True),
+    (3, 100, 70, 1, torch.float32, True, False),       # K not a multiple of the K tile
+    (16, 64, 33, 16, torch.float16, True, True),
+    (17, 300, 129, 33, torch.float32, False, True),    # rank padded 33 -> 64
+    (64, 96, 17, 128, torch.float16, False, False),
+])
+def test_splitk_forward_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, dtype, adapter_fp32, bias):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter runs float32 / float16")
+    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
+    calls = _count_splitk(monkeypatch)
+    inputs = make_inputs(M, K, N, r, dtype, device=device, bias=bias,
+                         adapter_dtype=torch.float32 if adapter_fp32 else None)
+    oracle_check(*inputs, dropout_p=0.0, backend="triton", seed=M + K)
+    assert calls, "the split-K path did not run"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_splitk_with_tensor_scaling_and_strided_rows(monkeypatch, device):
+    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
+    calls = _count_splitk(monkeypatch)
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 96, device=device)[:, 0]     # rows 192 elements apart
+    w, a, b = torch.randn(40, 96, device=device), torch.randn(8, 96, device=device), torch.randn(40, 8, device=device)
+    s = torch.tensor(0.3, device=device)
+    y = lk.lora_linear(x, w, a, b, s, backend="triton")
+    ref = x.double() @ w.double().t() + 0.3 * (x.double() @ a.double().t()) @ b.double().t()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    assert calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_splitk_nf4_matches_gemm_path_and_reference(monkeypatch, device):
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(48, 192, device=device, dtype=torch.float16))
+    x = torch.randn(3, 192, device=device, dtype=torch.float16)
+    a, b = torch.randn(8, 192, device=device) / 14, torch.randn(48, 8, device=device)
+    bias = torch.randn(48, device=device, dtype=torch.float16)
+    w = dequantize_nf4(q, torch.float64)
+    ref = x.double() @ w.t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t() + bias.double()
+    out = {}
+    for path in ("gemm", "splitk"):
+        monkeypatch.setenv("LORA_KERNELS_DECODE", path)
+        out[path] = lk.lora4_linear(x, q, a, b, 0.5, bias, backend="triton").double()
+    err = {p: (y - ref).norm().item() for p, y in out.items()}
+    assert err["splitk"] <= 2 * err["gemm"] + 1e-6 * ref.norm().item(), err
+
+
+def test_path_rule_forced_measured_and_safe(monkeypatch):
+    monkeypatch.setattr(splitk, "_chosen", {})
+    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
+    assert splitk.choose_path("k", None, None) == "splitk"
+    monkeypatch.delenv("LORA_KERNELS_DECODE")
+    if splitk.configs.interpreting():
+        assert splitk.choose_path("k", None, None) == "gemm" and splitk._chosen == {}
+    monkeypatch.setattr(splitk.configs, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    assert splitk.choose_path("k", None, None) == "gemm" and splitk._chosen == {}   # nothing timed in capture
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(splitk, "_wall_ms", lambda fn: fn())
+    assert splitk.choose_path("k", lambda: 2.0, lambda: 1.0) == "splitk"         # the faster one, kept
+    assert splitk.choose_path("k", lambda: 1.0, lambda: 2.0) == "splitk" and splitk._chosen == {"k": "splitk"}
+    assert splitk.choose_path("k2", lambda: 1.0, lambda: 2.0) == "gemm"
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)
+    assert splitk.choose_path("k3", lambda: 2.0, lambda: 1.0) == "gemm" and "k3" not in splitk._chosen
+
+
+def test_dropout_and_many_rows_keep_the_gemm_path(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
+    x, w, a, b, _ = make_inputs(65, 64, 32, 4, torch.float32)
+    assert not splitk.applies(x, w, a, dropout_on=False)
+    assert not splitk.applies(x[:8], w, a, dropout_on=True)
+    assert splitk.applies(x[:8], w, a, dropout_on=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_splitk_bf16_on_gpu_deterministic(monkeypatch, dtype):
+    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
+    for M in (1, 16, 64):
+        inputs = make_inputs(M, 4096, 1000, 16, dtype, device="cuda")
+        oracle_check(*inputs, dropout_p=0.0, backend="triton", seed=M)
+        x, w, a, b, bias = inputs
+        y1 = lk.lora_linear(x, w, a, b, 0.5, bias, backend="triton")
+        y2 = lk.lora_linear(x, w, a, b, 0.5, bias, backend="triton")
+        assert torch.equal(y1, y2)
