@@ -95,6 +95,8 @@ def test_dropout_and_many_rows_keep_the_gemm_path(monkeypatch):
     assert not splitk.applies(x, w, a, dropout_on=False)
     assert not splitk.applies(x[:8], w, a, dropout_on=True)
     assert splitk.applies(x[:8], w, a, dropout_on=False)
+    assert not splitk.applies(x[:8, :0], w[:, :0], a[:, :0], dropout_on=False)   # K = 0
+    assert not splitk.applies(x[:8], w[:0], a, dropout_on=False)                 # N = 0
 
 
 @pytest.mark.gpu

@@ -101,7 +101,7 @@ def applies(x2d, weight, lora_A, dropout_on: bool) -> bool:
     """Shapes this path serves: few rows, no dropout, x rows contiguous, rank up to MAX_RANK, and for a 4-bit
     W a row length that is a multiple of 64 (whole absmax blocks per row)."""
     M, K = x2d.shape
-    if not (0 < M <= MAX_ROWS) or dropout_on or lora_A.shape[0] > MAX_RANK or x2d.stride(1) != 1:
+    if not (0 < M <= MAX_ROWS) or K == 0 or weight.shape[0] == 0 or dropout_on or lora_A.shape[0] > MAX_RANK or x2d.stride(1) != 1:
         return False
     return K % 64 == 0 if isinstance(weight, NF4Operand) else True
 
