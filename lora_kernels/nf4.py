@@ -226,14 +226,14 @@ _EagerLoRA4 = eager_function("_EagerLoRA4", _forward4_impl, _setup,
 def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, scaling=1.0,
                  bias: Optional[Tensor] = None, *, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
     """The fused LoRA linear over a 4-bit NF4 base weight (x in bf16/fp16/fp32; W's nominal dtype = x's)."""
-    from .ops import _split_scaling, draw_seed
+    from .ops import _split_scaling, dropout_seed
     N, K = qweight.shape
     check_lora_shapes(x, N, K, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
     if backend == "cuda":
         raise NotImplementedError("backend='cuda': no 4-bit CUDA kernel yet; use backend='triton' or 'auto'")
     name = _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
-    seed = draw_seed(x, lora_A) if dropout_p > 0.0 else None
+    seed = dropout_seed(x, lora_A) if dropout_p > 0.0 else None
     x2d = x.reshape(-1, K)
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()

@@ -135,7 +135,17 @@ def draw_seed(like: Tensor, salt: Optional[Tensor] = None) -> Tensor:
     lora_A) is not read: it makes each layer's draw a distinct graph node, so that torch.compile's
     common-subexpression pass cannot merge the draws of layers that share an input (q, k and v would share
     a mask). The seeded-random tag says the same where torch honours it."""
+    return _seed_from_generator(like)
+
+
+def _seed_from_generator(like: Tensor) -> Tensor:
     return torch.randint(0, 2**31 - 1, (), device=like.device, dtype=torch.int64)
+
+
+def dropout_seed(x: Tensor, lora_A: Tensor) -> Tensor:
+    """The layer's dropout seed: draw_seed's body called directly in eager mode (the custom-op layer costs
+    host time on every call), the registered op where a graph is traced. Both draw the same number."""
+    return _seed_from_generator(x) if _eager(x, lora_A) else draw_seed(x, lora_A)
 
 
 @draw_seed.register_fake
@@ -215,7 +225,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
             return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = None
     if dropout_p > 0.0:
-        seed = draw_seed(x, lora_A)
+        seed = dropout_seed(x, lora_A)
     x2d = x.reshape(-1, x.shape[-1])
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
