@@ -44,15 +44,16 @@ def main():
     a, b = torch.randn(r, K, requires_grad=True), torch.randn(N, r, requires_grad=True)
     dy = torch.randn(M, N)
 
-    def step(backend="torch"):
-        return lambda: lk.lora_linear(x, w, a, b, 2.0, backend=backend).backward(dy)
+    def step(backend="torch", p=0.0):
+        return lambda: lk.lora_linear(x, w, a, b, 2.0, backend=backend, dropout_p=p).backward(dy)
 
     def fwd():
         with torch.no_grad():
             lk.lora_linear(x, w, a, b, 2.0, backend="torch")
 
     rows = [("x@Wt fwd+bwd (torch, for scale)", _us(lambda: (x @ w.t()).backward(dy))),
-            ("lora_linear fwd, eager path", _us(fwd)), ("lora_linear fwd+bwd, eager path", _us(step()))]
+            ("lora_linear fwd, eager path", _us(fwd)), ("lora_linear fwd+bwd, eager path", _us(step())),
+            ("lora_linear fwd+bwd, eager path, dropout 0.05", _us(step(p=0.05)))]
     eager = ops._eager
     ops._eager = lambda *t: False
     try:
