@@ -15,11 +15,36 @@ OBSERVED = [
     (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 5, 2, 16, False, True, 278528),
     (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128), 4, 2, 64, True, False, 245760),
 ]
+# float32 adapters (peft's default) under bf16 activations, rank tile 64, from the same compile report
+# (bench/results/smem-estimate-check-sm90a-20261129-fp32-adapters.txt); the first estimate ignored their
+# width, and such tiles failed at launch on the H200 (bench/results/gpu-tests-h200-20261129-partial.txt).
+OBSERVED_FP32_ADAPTERS = [
+    (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 3, 245760),
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 4, 229376),
+    (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 172032),
+]
 
 
 def test_estimate_covers_observed_requirements():
     for cfg, stages, elem, block_r, fold, nf4, required in OBSERVED:
         assert configs.gemm_smem_bytes(cfg, stages, elem, block_r, fold, nf4) >= required
+
+
+def test_estimate_covers_float32_adapters():
+    for cfg, stages, required in OBSERVED_FP32_ADAPTERS:
+        assert configs.gemm_smem_bytes(cfg, stages, 2, 64, False, False, lowrank_elem=4) >= required
+
+
+def test_pruning_sees_float32_adapters(monkeypatch):
+    monkeypatch.delenv("LORA_KERNELS_QUICK_TUNE", raising=False)
+    a, b32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    limit = configs._smem_limit() / configs.SMEM_MARGIN
+    for fold in (False, True):
+        kept = configs.prune_gemm_configs(configs.GEMM_CONFIGS, {"a_ptr": a, "M_BUCKET": 64, "r_ptr": b32,
+                                                                 "fa_ptr": b32}, BLOCK_R=64, FOLD_XA=fold)
+        assert kept
+        for c in kept:
+            assert configs.gemm_smem_bytes(c.kwargs, c.num_stages, 2, 64, fold, False, lowrank_elem=4) <= limit
 
 
 def _prune(dtype, m_bucket, **flags):

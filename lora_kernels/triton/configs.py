@@ -54,11 +54,14 @@ def _smem_limit() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
 
 
-def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool, nf4: bool) -> int:
+def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool, nf4: bool,
+                    lowrank_elem: int = 0) -> int:
     """Shared memory of one program: the pipelined A and B tiles (the folded Aᵀ tile with FOLD_XA) and
     the low-rank L and Rt tiles, loaded once. Under NF4 the pipeline holds, per B element, its code byte,
     its float32 scale and half a packed byte, and the dequantised tile is staged once more (float32).
-    Fitted to Triton's own figures (bench/results/smem-estimate-check-sm90a-20261123.txt)."""
+    lowrank_elem: bytes per element of the adapter tiles as loaded (4 for peft's float32 adapters under
+    16-bit activations); wider than the activations, Triton stages them once more at their own width.
+    Fitted to Triton's own figures (bench/results/smem-estimate-check-sm90a-*.txt)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     b_bytes = (11 * bk * bn) // 2 if nf4 else bk * bn * elem
     per_stage = bm * bk * elem + b_bytes + (bk * block_r * elem if fold else 0)
@@ -67,6 +70,10 @@ def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool,
         once += bm * block_r * 4 + 2 * bk * block_r * elem
     if nf4:
         once += bk * bn * 4
+    if lowrank_elem > elem:
+        once += block_r * (bm + bn) * lowrank_elem
+        if fold:
+            per_stage += bk * block_r * lowrank_elem
     return stages * per_stage + once
 
 
@@ -81,21 +88,24 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] >= 64) == big or mb in (64, 128)] or list(configs)
     elem = named_args["a_ptr"].element_size()
     block_r, fold, nf4 = kwargs.get("BLOCK_R", 16), kwargs.get("FOLD_XA", False), kwargs.get("NF4", False)
+    # the widest adapter operand as loaded: Rt (B, or A for dx), and with FOLD_XA the folded Aᵀ slices
+    adapters = [named_args.get("r_ptr")] + ([named_args.get("fa_ptr")] if fold else [])
+    lowrank = max((t.element_size() for t in adapters if hasattr(t, "element_size")), default=0)
     # The estimate has matched Triton's figure for plain tiles; the margin covers layout scratch that
     # it does not model (seen: 24 KB more than estimated for a FOLD_XA tile).
     limit = int(_smem_limit() / SMEM_MARGIN)
     fitted = []
     for c in kept:
         stages = c.num_stages
-        while stages > 2 and gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4) > limit:
+        while stages > 2 and gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank) > limit:
             stages -= 1
-        if gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4) <= limit:
+        if gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank) <= limit:
             fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
     if fitted and os.environ.get("LORA_KERNELS_QUICK_TUNE") == "1":
         return fitted[:1]  # correctness runs: one tile per shape, so one compile instead of one per candidate
     if fitted:
         return fitted
-    small = min(configs, key=lambda c: gemm_smem_bytes(c.kwargs, 1, elem, block_r, fold, nf4))
+    small = min(configs, key=lambda c: gemm_smem_bytes(c.kwargs, 1, elem, block_r, fold, nf4, lowrank))
     return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=1)]
 
 
