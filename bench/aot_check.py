@@ -114,6 +114,8 @@ def variants():
         dict(num_warps=4, num_stages=3)
     yield "skinny r=256", fl._skinny_rank_kernel, sk_ptrs, dict(sk, BLOCK_R=256, BLOCK_K=32), \
         dict(num_warps=8, num_stages=3)
+    yield "skinny r=256, float32 adapters", fl._skinny_rank_kernel, dict(sk_ptrs, rt_ptr="*fp32"), \
+        dict(sk, BLOCK_R=256, BLOCK_K=32), dict(num_warps=8, num_stages=3)
     rr = dict(SCALE_FROM_PTR=False, DROPOUT=True, COLSUM=True, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_C=64,
               BLOCK_R=16)
     rr_ptrs = {"*": "*bf16", "s_ptr": "*fp32", "out_ptr": "*fp32", "colsum_ptr": "*fp32", "scale_ptr": "*fp32",
