@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lora_kernels.triton import fused_linear as fl  # noqa: E402
 from lora_kernels.triton import merge as mg  # noqa: E402
+from lora_kernels.triton import nf4_tile as nf4_mod  # noqa: E402
 from lora_kernels.triton import splitk as sk_mod  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -133,6 +134,8 @@ def variants():
     red = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_R=16)
     yield "split-K decode reduce + LoRA + bias", sk_mod._splitk_reduce_kernel, \
         {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)
+    yield "NF4 dequantise whole W", nf4_mod._dequantize_kernel, {"*": "*fp32", "b_ptr": "*u8", "out_ptr": "*bf16"}, \
+        dict(BLOCK_N=32, BLOCK_K=256), dict(num_warps=4)
     g = dict(m, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)
     offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}
     yield "merge bf16 grouped (merge_model)", mg._merge_kernel, offs, g, dict(num_warps=4)

@@ -7,7 +7,9 @@ map in blocks of 256, each with a float32 absmax of its own. Dequantised: NF4[q]
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -163,10 +165,44 @@ def lora4_fwd(x: Tensor, packed: Tensor, absmax: Tensor, N: int, K: int, lora_A:
     return _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend)
 
 
+# From this many rows on, W dequantised whole for the dense kernels (cuBLAS where the extension is built) is
+# measured against dequantising tile by tile in our GEMM, per shape (triton.measured); below, W is read once.
+DEQUANT_MIN_ROWS = 128
+
+
+def _via_dense(x, scaling_t, K) -> str:
+    """The dense backend that runs a dequantised W, or '' where the per-tile path must serve."""
+    if x.shape[0] < DEQUANT_MIN_ROWS or K % 64 != 0:
+        return ""
+    if not x.is_cuda:
+        return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    return "cuda" if scaling_t is None and _backends.cuda_ext_available() else "triton"
+
+
+def _rows_bucket(m: int) -> int:
+    return min(1 << max(m - 1, 0).bit_length(), 8192)
+
+
+def _pick(tri, key, tiled, dense) -> str:
+    """'tiled' or 'dense' (LORA_KERNELS_NF4=tiled|dense forces one)."""
+    return tri.choose(key, {"tiled": tiled, "dense": dense}, "tiled", "LORA_KERNELS_NF4")
+
+
 def _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend):
     args = (lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed)
     if backend == "triton":
-        return _backends.module("triton").forward(x, _operand(packed, absmax, N, K), *args)
+        tri = _backends.module("triton")
+        w = _operand(packed, absmax, N, K)
+        tiled = functools.partial(tri.forward, x, w, *args)
+        via = _via_dense(x, scaling_t, K)
+        if not via:
+            return tiled()
+
+        def dense():
+            return _backends.module(via).forward(x, tri.dequantize(w, x.dtype), *args)
+        key = ("nf4 fwd", via, x.device, _rows_bucket(x.shape[0]), N, K, lora_A.shape[0], x.dtype, lora_A.dtype,
+               lora_B.dtype, bias is not None, dropout_p > 0.0)
+        return (dense if _pick(tri, key, tiled, dense) == "dense" else tiled)()
     return reference.lora_forward(x, _dequant(packed, absmax, N, K, x.dtype), *args)
 
 
@@ -188,7 +224,18 @@ def _backward4_impl(dy, x, packed, absmax, N, K, lora_A, lora_B, xa, scaling, sc
                     need_dbias, backend):
     rest = (lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx, need_dbias)
     if backend == "triton":
-        dx, dA, dB, dbias = _backends.module("triton").backward(dy, x, _operand(packed, absmax, N, K), *rest)
+        tri = _backends.module("triton")
+        w = _operand(packed, absmax, N, K)
+        tiled = functools.partial(tri.backward, dy, x, w, *rest)
+        via = _via_dense(x, scaling_t, K) if need_dx else ""  # only dx reads W
+        if via:
+
+            def dense():
+                return _backends.module(via).backward(dy, x, tri.dequantize(w, dy.dtype), *rest)
+            key = ("nf4 bwd", via, x.device, _rows_bucket(x.shape[0]), N, K, lora_A.shape[0], x.dtype, lora_A.dtype,
+                   lora_B.dtype, need_dbias, dropout_p > 0.0)
+            tiled = dense if _pick(tri, key, tiled, dense) == "dense" else tiled
+        dx, dA, dB, dbias = tiled()
     else:
         dx, dA, dB, dbias = reference.lora_backward(dy, x, _dequant(packed, absmax, N, K, x.dtype), *rest)
     # two distinct empties: custom-op outputs may not alias each other

@@ -90,6 +90,30 @@ def test_fused_4bit_wide_tiles_interpreter(monkeypatch, shape):
     _check_4bit_op("triton", "cpu", torch.float32, shape, 0.2)
 
 
+@pytest.mark.parametrize("dev", (["cpu"] if INTERP else []) + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_4bit_op_through_a_dequantised_weight(monkeypatch, dev, p):
+    """Many rows: W dequantised whole, then the dense kernels (forced here; chosen by measurement on a GPU)."""
+    monkeypatch.setenv("LORA_KERNELS_NF4", "dense")
+    from lora_kernels.triton import nf4_tile
+    calls = []
+    orig = nf4_tile.dequantize
+    monkeypatch.setattr(nf4_tile, "dequantize", lambda *a: (calls.append(1), orig(*a))[1])
+    import lora_kernels.triton as tri
+    monkeypatch.setattr(tri, "dequantize", nf4_tile.dequantize)
+    _check_4bit_op("triton", dev, torch.float32 if dev == "cpu" else torch.bfloat16, (nf4.DEQUANT_MIN_ROWS, 128, 40, 8), p)
+    assert len(calls) == 2  # forward and dx
+
+
+@pytest.mark.parametrize("dev", (["cpu"] if INTERP else []) + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_kernel_equals_reference(dev, dtype):
+    from lora_kernels.triton import nf4_tile
+    q = nf4.quantize_nf4(torch.randn(40, 320, device=dev))     # 320: the 256-wide tile wraps
+    got = nf4_tile.dequantize(nf4._operand(q.packed.reshape(-1), q.block_absmax().float(), 40, 320), dtype)
+    assert torch.equal(got, nf4.dequantize_nf4(q, dtype))
+
+
 def _check_4bit_op(backend, dev, dtype, shape, p):
     M, K, N, r = shape
     q = nf4.quantize_nf4(torch.randn(N, K, device=dev) / K**0.5)

@@ -70,23 +70,25 @@ def test_splitk_nf4_matches_gemm_path_and_reference(monkeypatch, device):
 
 
 def test_path_rule_forced_measured_and_safe(monkeypatch):
-    monkeypatch.setattr(splitk, "_chosen", {})
+    from lora_kernels.triton import measured
+    monkeypatch.setattr(measured, "_chosen", {})
     monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
-    assert splitk.choose_path("k", None, None) == "splitk"
+    assert splitk.choose_path(("k",), None, None) == "splitk"
     monkeypatch.delenv("LORA_KERNELS_DECODE")
-    if splitk.configs.interpreting():
-        assert splitk.choose_path("k", None, None) == "gemm" and splitk._chosen == {}
-    monkeypatch.setattr(splitk.configs, "interpreting", lambda: False)
+    if measured.configs.interpreting():
+        assert splitk.choose_path(("k",), None, None) == "gemm" and measured._chosen == {}
+    monkeypatch.setattr(measured.configs, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
-    assert splitk.choose_path("k", None, None) == "gemm" and splitk._chosen == {}   # nothing timed in capture
+    assert splitk.choose_path(("k",), None, None) == "gemm" and measured._chosen == {}  # nothing timed in capture
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(splitk, "_wall_ms", lambda fn: fn())
-    assert splitk.choose_path("k", lambda: 2.0, lambda: 1.0) == "splitk"         # the faster one, kept
-    assert splitk.choose_path("k", lambda: 1.0, lambda: 2.0) == "splitk" and splitk._chosen == {"k": "splitk"}
-    assert splitk.choose_path("k2", lambda: 1.0, lambda: 2.0) == "gemm"
+    monkeypatch.setattr(measured, "wall_ms", lambda fn: fn())
+    assert splitk.choose_path(("k",), lambda: 2.0, lambda: 1.0) == "splitk"          # the faster one, kept
+    assert splitk.choose_path(("k",), lambda: 1.0, lambda: 2.0) == "splitk"
+    assert measured._chosen == {("decode", "k"): "splitk"}
+    assert splitk.choose_path(("k2",), lambda: 1.0, lambda: 2.0) == "gemm"
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)
-    assert splitk.choose_path("k3", lambda: 2.0, lambda: 1.0) == "gemm" and "k3" not in splitk._chosen
+    assert splitk.choose_path(("k3",), lambda: 2.0, lambda: 1.0) == "gemm" and ("decode", "k3") not in measured._chosen
 
 
 def test_dropout_and_many_rows_keep_the_gemm_path(monkeypatch):

@@ -453,8 +453,9 @@ def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, se
     drop = Dropout(seed, dropout_p)
     if splitk.applies(x2d, weight, lora_A, drop.on):
         args = (x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, allow_tf32)
-        key = (x2d.device, configs.m_bucket(x2d.shape[0]), tuple(weight.shape), lora_A.shape[0], x2d.dtype, lora_A.dtype, lora_B.dtype,
-               isinstance(weight, NF4Operand) or weight.dtype, bias is not None, scaling_t is not None, allow_tf32)
+        key = (x2d.device, configs.m_bucket(x2d.shape[0]), tuple(weight.shape), lora_A.shape[0], x2d.dtype,
+               lora_A.dtype, lora_B.dtype, isinstance(weight, NF4Operand) or weight.dtype, bias is not None,
+               scaling_t is not None, allow_tf32)
         run_splitk = functools.partial(splitk.forward, *args[:-1], precision=_precision(x2d.dtype, allow_tf32))
         run_gemm = functools.partial(_gemm_forward, *args[:-1], drop, allow_tf32)
         if splitk.choose_path(key, run_gemm, run_splitk) == "splitk":

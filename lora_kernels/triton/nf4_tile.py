@@ -4,8 +4,12 @@ W (rows × row_len) is stored row-major as 4-bit codes, two per byte (high nibbl
 absmax per 64 consecutive elements. When row_len is a multiple of 64, a tile of whole rows needs one load of
 packed bytes per two elements and one absmax per 64 elements of a row, instead of a gather of the byte and of
 the absmax for every element. The 16-entry code table is still looked up per element (an L1-resident gather).
-Also here: the host-side views of a 4-bit W as the GEMM's B operand, and the choice of layout.
+Also here: the host-side views of a 4-bit W as the GEMM's B operand, the choice of layout, and W
+dequantised whole (for many rows, where a cuBLAS GEMM over the dequantised W can beat dequantising per tile).
 """
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -68,3 +72,23 @@ def nf4_layout(b) -> int:
     if b.stride(1) == 1 and b.stride(0) % 64 == 0:
         return 2
     return 0
+
+
+@triton.jit
+def _dequantize_kernel(b_ptr, absmax_ptr, code_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    w = dequant_rows(b_ptr, absmax_ptr, code_ptr, rn, rn < N, k0, K, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+def dequantize(w: "NF4Operand", dtype) -> torch.Tensor:
+    """W (N×K) in `dtype`, each element code·absmax rounded once, as the GEMM's tiles round it (K % 64 == 0)."""
+    N, K = w.shape
+    out = torch.empty((N, K), dtype=dtype, device=w.packed.device)
+    block_n, block_k = (16, 64) if os.environ.get("TRITON_INTERPRET", "0") == "1" else (32, 256)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _dequantize_kernel[grid](w.packed, w.absmax, w.code, out, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out

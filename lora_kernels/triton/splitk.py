@@ -6,19 +6,17 @@ is 64-256 programs, too few to keep HBM busy. Here program (n, s) reduces K slic
     partial   P[s]  = x[:, Ks]·W[n, Ks]ᵀ     and, in column block 0 only, Q[s] = x[:, Ks]·A[:, Ks]ᵀ
     reduce    y     = Σ_s P[s] + (s·Σ_s Q[s])·Bᵀ + bias,   xa = Σ_s Q[s] (saved for backward)
 
-Two launches instead of one, so the choice against the GEMM path is made per shape by measured wall time
-(choose_path). No dropout (the GEMM path keeps it).
+Two launches instead of one, so the choice against the GEMM path is made per shape by measurement
+(choose_path, measured.py). No dropout (the GEMM path keeps it).
 Partial sums go to separate slices and are added in a fixed order: results are deterministic.
 """
 import functools
-import os
-import time
 
 import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, measured
 from .nf4_tile import NF4Operand, dequant_rows
 
 MAX_ROWS = 64
@@ -107,7 +105,9 @@ def applies(x2d, weight, lora_A, dropout_on: bool) -> bool:
     """Shapes this path serves: few rows, no dropout, x rows contiguous, rank up to MAX_RANK, and for a 4-bit
     W a row length that is a multiple of 64 (whole absmax blocks per row)."""
     M, K = x2d.shape
-    if not (0 < M <= MAX_ROWS) or K == 0 or weight.shape[0] == 0 or dropout_on or lora_A.shape[0] > MAX_RANK or x2d.stride(1) != 1:
+    if not (0 < M <= MAX_ROWS) or K == 0 or weight.shape[0] == 0 or dropout_on:
+        return False
+    if lora_A.shape[0] > MAX_RANK or x2d.stride(1) != 1:
         return False
     return K % 64 == 0 if isinstance(weight, NF4Operand) else True
 
@@ -149,36 +149,6 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
     return y, xa
 
 
-# ----------------------------------------------------------------------------------------------
-# Which path serves a shape: measured once per shape, on its first eager call.
-
-_chosen: dict = {}
-
-
-def _wall_ms(fn, reps=20):
-    """Wall time per call issued back to back: GPU time where the GPU is the bound, host time where the
-    host is (eager decode often is: the split-K path's extra launch must pay for itself)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / reps
-
-
 def choose_path(key, gemm, splitk) -> str:
-    """'gemm' or 'splitk' for this shape key, one choice per shape so that eager calls and CUDA-graph replays
-    give the same bits. LORA_KERNELS_DECODE=gemm|splitk forces one; otherwise both are timed on the shape's
-    first call and the faster kept. A first call inside CUDA-graph capture or under sync-debug mode (where
-    timing would synchronise) takes the GEMM path without deciding."""
-    forced = os.environ.get("LORA_KERNELS_DECODE")
-    if forced in ("gemm", "splitk"):
-        return forced
-    pick = _chosen.get(key)
-    if pick is None:
-        if (configs.interpreting() or torch.cuda.is_current_stream_capturing()
-                or torch.cuda.get_sync_debug_mode() != 0):
-            return "gemm"
-        pick = _chosen[key] = "splitk" if _wall_ms(splitk) < _wall_ms(gemm) else "gemm"
-    return pick
+    """'gemm' or 'splitk' for this shape key (measured.choose; LORA_KERNELS_DECODE=gemm|splitk forces one)."""
+    return measured.choose(("decode",) + tuple(key), {"gemm": gemm, "splitk": splitk}, "gemm", "LORA_KERNELS_DECODE")

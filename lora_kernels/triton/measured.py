@@ -1,0 +1,42 @@
+"""Choosing between kernels that compute the same result, by measuring them on the shape at hand.
+
+Used where neither path wins everywhere (split-K vs one GEMM for few rows; a 4-bit weight dequantised for
+cuBLAS vs dequantised inside our GEMM). Each shape key is decided once, on its first eager call, by wall
+time per call issued back to back: GPU time where the GPU is the bound, host time where the host is. One
+choice per key, so eager calls and CUDA-graph replays of a process give the same bits.
+"""
+import os
+import time
+
+import torch
+
+from . import configs
+
+_chosen: dict = {}
+
+
+def wall_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def choose(key, options: dict, default: str, env: str) -> str:
+    """The name in `options` (name -> zero-argument callable) that runs `key`'s shape fastest. The variable
+    `env` forces a name. Nothing is timed, and `default` is returned undecided, under the Triton
+    interpreter, inside CUDA-graph capture or in sync-debug mode (timing would synchronise)."""
+    forced = os.environ.get(env)
+    if forced in options:
+        return forced
+    pick = _chosen.get(key)
+    if pick is None:
+        if (configs.interpreting() or torch.cuda.is_current_stream_capturing()
+                or torch.cuda.get_sync_debug_mode() != 0):
+            return default
+        times = {name: wall_ms(fn) for name, fn in options.items()}
+        pick = _chosen[key] = min(times, key=times.get)
+    return pick
