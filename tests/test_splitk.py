@@ -89,6 +89,14 @@ def test_path_rule_forced_measured_and_safe(monkeypatch):
     assert splitk.choose_path(("k2",), lambda: 1.0, lambda: 2.0) == "gemm"
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)
     assert splitk.choose_path(("k3",), lambda: 2.0, lambda: 1.0) == "gemm" and ("decode", "k3") not in measured._chosen
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+
+    def broken():
+        raise RuntimeError("out of resources")
+    with pytest.warns(UserWarning, match="'splitk' path failed"):   # a path that cannot run is left out
+        assert splitk.choose_path(("k4",), lambda: 2.0, broken) == "gemm"
+    with pytest.raises(RuntimeError, match="out of resources"):
+        splitk.choose_path(("k5",), broken, broken)
 
 
 def test_dropout_and_many_rows_keep_the_gemm_path(monkeypatch):

@@ -7,6 +7,7 @@ choice per key, so eager calls and CUDA-graph replays of a process give the same
 """
 import os
 import time
+import warnings
 
 import torch
 
@@ -28,7 +29,8 @@ def wall_ms(fn, reps=20):
 def choose(key, options: dict, default: str, env: str) -> str:
     """The name in `options` (name -> zero-argument callable) that runs `key`'s shape fastest. The variable
     `env` forces a name. Nothing is timed, and `default` is returned undecided, under the Triton
-    interpreter, inside CUDA-graph capture or in sync-debug mode (timing would synchronise)."""
+    interpreter, inside CUDA-graph capture or in sync-debug mode (timing would synchronise). A path that
+    raises while timed is left out with a warning; if every path raises, the default's error is raised."""
     forced = os.environ.get(env)
     if forced in options:
         return forced
@@ -37,6 +39,16 @@ def choose(key, options: dict, default: str, env: str) -> str:
         if (configs.interpreting() or torch.cuda.is_current_stream_capturing()
                 or torch.cuda.get_sync_debug_mode() != 0):
             return default
-        times = {name: wall_ms(fn) for name, fn in options.items()}
+        times, errors = {}, {}
+        for name, fn in options.items():
+            try:
+                times[name] = wall_ms(fn)
+            except Exception as e:  # noqa: BLE001 - a path that cannot run this shape is not chosen
+                errors[name] = e
+        if not times:
+            raise errors[default] if default in errors else next(iter(errors.values()))
+        for name, e in errors.items():
+            warnings.warn(f"lora_kernels: the {name!r} path failed on {key} ({type(e).__name__}: "
+                          f"{str(e)[:200]}); using {min(times, key=times.get)!r} for this shape", stacklevel=3)
         pick = _chosen[key] = min(times, key=times.get)
     return pick
