@@ -66,6 +66,27 @@ def test_e2e_interleaved_rounds_on_cpu():
     assert f"| patched | {rows[1]['p50_ms']:.1f} |" in md and "–" in md
 
 
+def test_e2e_qlora_pair_on_cpu():
+    """QLoRA providers: the target linears become bitsandbytes NF4 layers, peft's 4-bit LoRA layers serve them,
+    and the patched model fuses every one of them (nothing kept on peft's forward)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    from lora_kernels.bench import e2e, report
+    cfg = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=32)
+    model, _, _ = e2e.build(True, False, cfg, device="cpu", dtype=torch.float32, backend="torch", four_bit=True)
+    layers = [m for m in model.modules() if hasattr(m, "_lora_kernels_patched")]
+    assert len(layers) == 7 and all(type(m.get_base_layer()) is bnb.nn.Linear4bit for m in layers)
+    variants = [("qlora_peft", False, False, "auto"), ("qlora_patched", True, False, "torch")]
+    rows = e2e.measure(variants, batch=2, seq=8, rounds=2, steps=1, config=cfg, device="cpu", dtype=torch.float32,
+                       log=lambda *_: None)
+    assert [r["provider"] for r in rows] == ["qlora_peft", "qlora_patched"]
+    md = report.markdown(rows, dict(gpu="cpu", torch=torch.__version__, triton="-", sha="x", time="d",
+                                    copy_tbps=1.0, matmul_tflops=1.0))
+    assert "speed-up vs qlora_peft" in md
+
+
 @pytest.mark.gpu
 def test_merge_model_bench_rows_and_table():
     from lora_kernels.bench import merge_model_bench

@@ -28,7 +28,9 @@ def main(argv=None) -> int:
                          "e2e = a ~1B Llama fine-tune step (needs peft and transformers)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--e2e-variants", nargs="+", default=None,
-                    help="e2e providers (default: all of peft, peft_compile, patched, patched_triton, patched_compile)")
+                    help="e2e providers (default: peft, peft_compile, patched, patched_triton, patched_compile; "
+                         "also qlora_peft, qlora_patched: the target linears in bitsandbytes NF4); the first "
+                         "named is the baseline of the speed-ups")
     ap.add_argument("--e2e-rounds", type=int, default=6, help="e2e interleaved rounds (each provider runs "
                     "--e2e-steps timed steps per round)")
     ap.add_argument("--e2e-steps", type=int, default=5, help="e2e timed steps per provider per round")

@@ -15,12 +15,31 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MiB = 1 << 20
 
 
-def build(patched: bool, compiled: bool, config=None, seed=0, device="cuda", dtype=torch.bfloat16, backend="auto"):
+def _quantize_targets_4bit(model, device, dtype):
+    """QLoRA's base: every target nn.Linear replaced by a bitsandbytes NF4 Linear4bit (blocks of 64,
+    double-quantised absmax, computing in dtype), as BitsAndBytesConfig(load_in_4bit=True) would load it."""
+    import bitsandbytes as bnb
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name in TARGETS:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      quant_type="nf4", compress_statistics=True, compute_dtype=dtype)
+                q.weight = bnb.nn.Params4bit(child.weight.detach().float().cpu(), requires_grad=False,
+                                             quant_type="nf4", compress_statistics=True, blocksize=64)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.detach().cpu(), requires_grad=False)
+                setattr(parent, name, q.to(device))
+    return model
+
+
+def build(patched: bool, compiled: bool, config=None, seed=0, device="cuda", dtype=torch.bfloat16, backend="auto",
+          four_bit=False):
     import peft
     import transformers
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**(config or TINYLLAMA))
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype=dtype)
+    model = _quantize_targets_4bit(model, device, dtype) if four_bit else model.to(device)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                        target_modules=TARGETS))
     if patched:
@@ -58,10 +77,11 @@ def _sync(device):
 class _Provider:
     """One e2e provider held in memory for the whole run, so the providers' timed steps can be interleaved."""
 
-    def __init__(self, name, patched, compiled, backend, batch, seq, config, device, dtype, warmup=3):
+    def __init__(self, name, patched, compiled, backend, batch, seq, config, device, dtype, warmup=3, four_bit=False):
         self.name, self.compiled, self.device = name, compiled, device
         before = _dynamo_counts()
-        self.model, self.fwd, self.opt = build(patched, compiled, config, device=device, dtype=dtype, backend=backend)
+        self.model, self.fwd, self.opt = build(patched, compiled, config, device=device, dtype=dtype, backend=backend,
+                                               four_bit=four_bit)
         self.data = _batches(warmup + 1, batch, seq, self.model.config.vocab_size, device=device)
         for ids in self.data[:warmup]:      # warm-up: compilation, optimizer state, allocator
             _step(self.fwd, self.opt, ids)
@@ -116,7 +136,8 @@ def measure(variants, batch=2, seq=2048, rounds=6, steps=5, config=None, log=pri
         from torch._dynamo.utils import counters
         torch._dynamo.reset()
         counters.clear()
-    providers = [_Provider(name, patched, comp, backend, batch, seq, config, device, dtype)
+    providers = [_Provider(name, patched, comp, backend, batch, seq, config, device, dtype,
+                           four_bit=name.startswith("qlora"))
                  for name, patched, comp, backend in variants]
     for _ in range(rounds):
         for p in providers:
@@ -163,12 +184,16 @@ def loss_curves(steps=200, batch=2, seq=2048, config=None, device="cuda", dtype=
 
 
 VARIANTS = [("peft", False, False, "auto"), ("peft_compile", False, True, "auto"), ("patched", True, False, "auto"),
-            ("patched_triton", True, False, "triton"), ("patched_compile", True, True, "auto")]
+            ("patched_triton", True, False, "triton"), ("patched_compile", True, True, "auto"),
+            # QLoRA: the same model with its target linears in NF4 (bitsandbytes), peft's layers vs patched
+            ("qlora_peft", False, False, "auto"), ("qlora_patched", True, False, "auto")]
+DEFAULT_VARIANTS = ["peft", "peft_compile", "patched", "patched_triton", "patched_compile"]
 
 
 def run(log=print, steps_curve=200, config=None, compiled=True, variants=None, rounds=6, steps=5):
     """compiled=False (the bench's --quick) leaves out the torch.compile variants, which take minutes."""
-    chosen = [v for v in VARIANTS if (variants is None or v[0] in variants) and (compiled or not v[2])
+    variants = variants or DEFAULT_VARIANTS  # the QLoRA pair only when asked for (--e2e-variants)
+    chosen = [v for v in VARIANTS if v[0] in variants and (compiled or not v[2])
               and not (v[3] == "triton" and not lk.triton_available())]
     rows = measure(chosen, config=config, log=log, rounds=rounds, steps=steps)
     curves = loss_curves(steps_curve, config=config) if steps_curve else None
