@@ -17,6 +17,7 @@ if [[ $STEPS == *build* ]]; then
   start=$(date +%s)
   LORA_KERNELS_ARCHS="90;90a" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   echo "build rc=$? in $(( $(date +%s) - start ))s"; tail -1 "$OUT/build.log"
+  cp lora_kernels/_C*.so "$OUT/" 2>/dev/null  # back to the caller: later calls carry it instead of rebuilding
 fi
 if [[ $STEPS == *test* ]]; then
   # TEST_SHARDS processes side by side (tests/conftest.py, LORA_KERNELS_TEST_SHARD): the GPU tests spend most
