@@ -1,7 +1,19 @@
 """Tile configurations, kept apart from the kernels so tuning never touches kernel bodies."""
+import functools
 import os
 
 import triton
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(t) -> int:
+    """Streaming multiprocessors of t's GPU (8 for CPU tensors under the interpreter)."""
+    return _sm_count(t.device.index or 0) if t.is_cuda else 8
 
 
 def interpreting() -> bool:

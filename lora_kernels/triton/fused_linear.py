@@ -281,13 +281,8 @@ def _reduce_rows_kernel(
 # Launchers
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _sms(t: torch.Tensor) -> int:
-    return _sm_count(t.device.index or 0) if t.is_cuda else 8
+    return configs.sm_count(t)
 
 
 def _precision(dtype, allow_tf32: bool) -> str:

@@ -10,8 +10,6 @@ Two launches instead of one, so the choice against the GEMM path is made per sha
 (choose_path, measured.py). No dropout (the GEMM path keeps it).
 Partial sums go to separate slices and are added in a fixed order: results are deterministic.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -21,11 +19,6 @@ from .nf4_tile import NF4Operand, dequant_rows
 
 MAX_ROWS = 64
 MAX_RANK = 128
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit
@@ -120,7 +113,7 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
     block_m, block_r = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(R))
     block_n, block_k = (16, 64) if configs.interpreting() else (64, 128)
     n_blocks = triton.cdiv(N, block_n)
-    sms = _sm_count(x2d.device.index or 0) if x2d.is_cuda else 8
+    sms = configs.sm_count(x2d)
     # About four programs per SM, but partial sums (split·M·N floats, written and read once) kept under an
     # eighth of W's bytes.
     w_bytes = 0.5 if nf4 else weight.element_size()
