@@ -21,7 +21,7 @@ from . import _backends, ops
 from ._checks import check_merge_args
 from .modules import FusedLoRALinear
 from .nf4 import FusedLoRALinear4bit
-from .patch import _base_kind, _peft_linear_classes, _why_not_fusable
+from .patch import _base_kind, _peft_linear_classes, _plain_lora, _why_not_fusable
 
 log = logging.getLogger("lora_kernels")
 
@@ -36,18 +36,16 @@ class _Layer(NamedTuple):
 
 
 def _peft_reason(m, unmerge: bool):
-    """None when merge_model serves this peft layer itself, else why peft's own merge is used."""
-    if unmerge:
-        if len(m.merged_adapters) != 1:
-            return f"{len(m.merged_adapters)} merged adapters"
-        name = m.merged_adapters[0]
-        if name not in m.lora_A:
-            return "merged adapter has no LoRA weights here"
-    reason = _why_not_fusable(m)
-    if reason in (None, "base weight is trainable") or reason.startswith("dropout module"):
-        # The weight is merged in place either way; dropout does not enter a merge.
-        reason = None if _base_kind(m.get_base_layer()) == "linear" else "4-bit base (peft re-quantises)"
-    return reason
+    """None when merge_model serves this peft layer itself (patch._plain_lora, the rule a patched layer's
+    own merge follows), else why peft's own merge is used."""
+    names = list(m.merged_adapters) if unmerge else list(m.active_adapters)
+    if len(names) != 1:
+        return f"{len(names)} {'merged' if unmerge else 'active'} adapters"
+    if _plain_lora(m, names):
+        return None
+    if _base_kind(m.get_base_layer()) == "nf4":
+        return "4-bit base (peft re-quantises)"
+    return _why_not_fusable(m) or "not plain LoRA over an nn.Linear"
 
 
 def _collect(model: nn.Module, unmerge: bool):

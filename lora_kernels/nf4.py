@@ -179,10 +179,6 @@ def _via_dense(x, scaling_t, K) -> str:
     return "cuda" if scaling_t is None and _backends.cuda_ext_available() else "triton"
 
 
-def _rows_bucket(m: int) -> int:
-    return min(1 << max(m - 1, 0).bit_length(), 8192)
-
-
 def _pick(tri, key, tiled, dense) -> str:
     """'tiled' or 'dense' (LORA_KERNELS_NF4=tiled|dense forces one)."""
     return tri.choose(key, {"tiled": tiled, "dense": dense}, "tiled", "LORA_KERNELS_NF4")
@@ -200,7 +196,7 @@ def _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scali
 
         def dense():
             return _backends.module(via).forward(x, tri.dequantize(w, x.dtype), *args)
-        key = ("nf4 fwd", via, x.device, _rows_bucket(x.shape[0]), N, K, lora_A.shape[0], x.dtype, lora_A.dtype,
+        key = ("nf4 fwd", via, x.device, tri.configs.m_bucket(x.shape[0]), N, K, lora_A.shape[0], x.dtype, lora_A.dtype,
                lora_B.dtype, bias is not None, dropout_p > 0.0)
         return (dense if _pick(tri, key, tiled, dense) == "dense" else tiled)()
     return reference.lora_forward(x, _dequant(packed, absmax, N, K, x.dtype), *args)
@@ -232,7 +228,7 @@ def _backward4_impl(dy, x, packed, absmax, N, K, lora_A, lora_B, xa, scaling, sc
 
             def dense():
                 return _backends.module(via).backward(dy, x, tri.dequantize(w, dy.dtype), *rest)
-            key = ("nf4 bwd", via, x.device, _rows_bucket(x.shape[0]), N, K, lora_A.shape[0], x.dtype, lora_A.dtype,
+            key = ("nf4 bwd", via, x.device, tri.configs.m_bucket(x.shape[0]), N, K, lora_A.shape[0], x.dtype, lora_A.dtype,
                    lora_B.dtype, need_dbias, dropout_p > 0.0)
             tiled = dense if _pick(tri, key, tiled, dense) == "dense" else tiled
         dx, dA, dB, dbias = tiled()
