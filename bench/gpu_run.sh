@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof bash bench/gpu_run.sh [bench args...]
-# Logs and results go to $OUT (default .gpu_out); commit the bench results and summaries to bench/results/.
+# Logs and results go to $OUT (default .gpu_out; per-process logs packed in one .tgz per step); commit the bench results and summaries to bench/results/.
 # The extension build and the CMake build run side by side (CPU); each later step has its own time limit.
 set -uo pipefail
 OUT=${OUT:-.gpu_out}; mkdir -p "$OUT"
@@ -23,18 +23,24 @@ if [[ $STEPS == *test* ]]; then
   # TEST_SHARDS processes side by side (tests/conftest.py, LORA_KERNELS_TEST_SHARD): the GPU tests spend most
   # of their time compiling Triton kernels on the CPU, one shape after another.
   shards=${TEST_SHARDS:-4}
+  case_timeout=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TEST_CASE_TIMEOUT:-150}")
   for ((i = 0; i < shards; i++)); do
+    # --timeout (pytest-timeout, where installed) names a test that hangs instead of losing the whole shard
     LORA_KERNELS_TEST_SHARD=$i/$shards timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
-      -rfE --tb=short ${TEST_ARGS:-tests} > "$OUT/gpu_tests.shard$i.log" 2>&1 &
+      -rfE --tb=short --durations=8 $case_timeout ${TEST_ARGS:-tests} > "$OUT/gpu_tests.shard$i.log" 2>&1 &
   done
   wait
   for ((i = 0; i < shards; i++)); do
     echo "shard $i/$shards: $(tail -1 "$OUT/gpu_tests.shard$i.log")"; grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.shard$i.log"
   done | tee "$OUT/gpu_tests.log"
+  tar czf "$OUT/gpu_tests_shards.tgz" -C "$OUT" $(cd "$OUT" && ls gpu_tests.shard*.log) && rm -f "$OUT"/gpu_tests.shard*.log
 fi
 if [[ $STEPS == *sanitize* ]]; then
   # Compile every kernel once outside the sanitizer (Triton's disk cache), so the sanitized runs only execute;
-  # then every tool on every backend in its own process, side by side.
+  # then every tool on every backend in its own process, side by side. Autotuning results go to the disk cache
+  # too, and PyTorch's caching allocator is off: under the tools each process otherwise held ~55 GiB, and six
+  # side by side ran the GPU out of memory.
+  export TRITON_CACHE_AUTOTUNING=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
   timeout 180 python3 bench/sanitize_cases.py > "$OUT/sanitize_warmup.log" 2>&1
   backends=$(python3 -c "import lora_kernels as lk; print('triton', 'cuda' if lk.cuda_ext_available() else '')")
   for tool in memcheck racecheck synccheck; do
@@ -47,6 +53,8 @@ if [[ $STEPS == *sanitize* ]]; then
   for f in "$OUT"/sanitize_*_*.log; do
     echo "$(basename "$f" .log): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases ran' "$f" | tr '\n' ' ')"
   done | tee "$OUT/sanitize_summary.log"
+  tar czf "$OUT/sanitize_logs.tgz" -C "$OUT" $(cd "$OUT" && ls sanitize_*.log) && rm -f "$OUT"/sanitize_*_*.log
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 if [[ $STEPS == *soak* ]]; then
   timeout ${SOAK_TIMEOUT:-120} python3 bench/soak.py --steps ${SOAK_STEPS:-10000} --cycles ${SOAK_CYCLES:-10000} \
