@@ -33,7 +33,7 @@ def _quantize_targets_4bit(model, device, dtype):
 
 
 def build(patched: bool, compiled: bool, config=None, seed=0, device="cuda", dtype=torch.bfloat16, backend="auto",
-          four_bit=False):
+          four_bit=False, lr=1e-4):
     import peft
     import transformers
     torch.manual_seed(seed)
@@ -47,12 +47,29 @@ def build(patched: bool, compiled: bool, config=None, seed=0, device="cuda", dty
     model.train()
     fwd = torch.compile(model) if compiled else model
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, fwd, torch.optim.AdamW(params, lr=1e-4)
+    return model, fwd, torch.optim.AdamW(params, lr=lr)
 
 
 def _batches(n, batch, seq, vocab, seed=1, device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), device=device, generator=g) for _ in range(n)]
+
+
+def _learnable_batches(n, batch, seq, vocab, seed=1, device="cuda", symbols=256, noise=0.1):
+    """Token streams a LoRA can learn within a few hundred steps, so the curves show training, not noise:
+    each sequence walks a fixed cycle through `symbols` token ids from a random start, and a `noise` share of
+    positions holds a random one of those ids instead."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    symbols = min(symbols, vocab)
+    ids = torch.randperm(vocab, device=device, generator=g)[:symbols]
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, symbols, (batch, 1), device=device, generator=g)
+        walk = (start + torch.arange(seq, device=device)) % symbols
+        noisy = torch.rand(batch, seq, device=device, generator=g) < noise
+        walk = torch.where(noisy, torch.randint(0, symbols, (batch, seq), device=device, generator=g), walk)
+        out.append(ids[walk])
+    return out
 
 
 def _step(fwd, opt, ids):
@@ -173,10 +190,10 @@ def loss_curves(steps=200, batch=2, seq=2048, config=None, device="cuda", dtype=
     agree statistically, not bit for bit."""
     curves = {}
     for name, patched in (("peft", False), ("patched", True)):
-        model, fwd, opt = build(patched, False, config, device=device, dtype=dtype)
+        model, fwd, opt = build(patched, False, config, device=device, dtype=dtype, lr=1e-3)
         torch.manual_seed(123)
-        data = _batches(steps, batch, seq, model.config.vocab_size, device=device)
-        curves[name] = [float(_step(fwd, opt, ids)) for ids in data]
+        data = _learnable_batches(steps, batch, seq, model.config.vocab_size, device=device)
+        curves[name] = [float(_step(fwd, opt, ids).detach()) for ids in data]
         del model, fwd, opt
         if device == "cuda":
             torch.cuda.empty_cache()

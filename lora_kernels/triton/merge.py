@@ -19,7 +19,7 @@ def _remerge_bits(w, delta, INT_TY: tl.constexpr):
 def _merge_kernel(
     w_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr,
     N, K, R, stride_wn, stride_an, stride_bn, scale,
-    UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr,
+    UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -39,26 +39,40 @@ def _merge_kernel(
     ok = (rn[:, None] < N) & (rk[None, :] < K)
     w = tl.load(w_ptrs, mask=ok, other=0.0)
     b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
-                mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(tl.float32)
+                mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
     a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :],
-                mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0).to(tl.float32)
-    delta = tl.dot(b, a, input_precision="ieee") * scale
+                mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+    if b.dtype == a.dtype and b.dtype != tl.float32:
+        delta = tl.dot(b, a) * scale  # 16-bit adapters: exact products, float32 sums, on tensor cores
+    else:
+        delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=PRECISION) * scale
     if UNMERGE:
+        # base = round(w - delta) misses by at most one unit in the last place: re-merged, it must give w's bits
+        # back. Re-merging is monotone in base, so when it overshoots only the neighbour below can hit w and
+        # when it undershoots only the one above: one candidate to test, not two.
         target = w.to(INT_TY, bitcast=True)
-        base = (w.to(tl.float32) - delta).to(w.dtype)
+        wf = w.to(tl.float32)
+        base = (wf - delta).to(w.dtype)
+        again = (base.to(tl.float32) + delta).to(w.dtype)
+        found = again.to(INT_TY, bitcast=True) == target
         base_bits = base.to(INT_TY, bitcast=True)
-        up = (base_bits + 1).to(w.dtype, bitcast=True)
-        down = (base_bits - 1).to(w.dtype, bitcast=True)
-        found = _remerge_bits(base, delta, INT_TY) == target
-        up_ok = (~found) & (_remerge_bits(up, delta, INT_TY) == target)
-        down_ok = (~found) & (~up_ok) & (_remerge_bits(down, delta, INT_TY) == target)
-        out = tl.where(up_ok, up, tl.where(down_ok, down, base))
+        # one step down in value is one step down in the bits of a positive number, up in those of a negative
+        step = tl.where((again.to(tl.float32) > wf) != (base_bits < 0), -1, 1).to(INT_TY)
+        near = (base_bits + step).to(w.dtype, bitcast=True)
+        out = tl.where((~found) & (_remerge_bits(near, delta, INT_TY) == target), near, base)
     else:
         out = (w.to(tl.float32) + delta).to(w.dtype)
     tl.store(w_ptrs, out, mask=ok)
 
 
 _INT = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16}
+
+
+def _precision(w):
+    """float32 adapters into a 16-bit W: three TF32 tensor-core products (about float32's accuracy, far below
+    W's own rounding) instead of the float32 FMA loop, which left the kernel bound by instructions, not
+    bytes. A float32 W keeps exact float32 products."""
+    return "ieee" if w.dtype == torch.float32 else "tf32x3"
 
 
 def _blocks(R):
@@ -76,6 +90,7 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
                         B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype], GROUPED=False,
+                        PRECISION=_precision(weight),
                         W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
 
 
@@ -97,6 +112,6 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     scales = torch.tensor(scalings, dtype=torch.float32, device=w0.device)
     _merge_kernel[grid](w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,
                         N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
-                        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, W_VEC=16 // w0.element_size(),
+                        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0), W_VEC=16 // w0.element_size(),
                         A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
                         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
