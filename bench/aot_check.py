@@ -25,7 +25,7 @@ from lora_kernels.triton import nf4_tile as nf4_mod  # noqa: E402
 from lora_kernels.triton import splitk as sk_mod  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_ARGS = {"scale", "keep_scale"}
+FLOAT_ARGS = {"scale", "keep_scale", "offset"}
 
 
 # What the JIT specialises at run time on typical shapes: integer arguments equal to 1 become constants
@@ -136,6 +136,8 @@ def variants():
         {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)
     yield "NF4 dequantise whole W", nf4_mod._dequantize_kernel, {"*": "*fp32", "b_ptr": "*u8", "out_ptr": "*bf16"}, \
         dict(BLOCK_N=32, BLOCK_K=256), dict(num_warps=4)
+    yield "NF4 double-quantised absmax decode", nf4_mod._decode_absmax_kernel, {"*": "*fp32", "q_ptr": "*u8"}, \
+        dict(BLOCKSIZE2=256, BLOCK=1024), dict(num_warps=4, enable_fp_fusion=False)
     g = dict(m, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)
     offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}
     yield "merge bf16 grouped (merge_model)", mg._merge_kernel, offs, g, dict(num_warps=4)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof bash bench/gpu_run.sh [bench args...]
+# On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof,dist bash bench/gpu_run.sh [bench args...]
 # Logs and results go to $OUT (default .gpu_out; per-process logs packed in one .tgz per step); commit the bench results and summaries to bench/results/.
 # The extension build and the CMake build run side by side (CPU); each later step has its own time limit.
 set -uo pipefail
@@ -72,4 +72,10 @@ if [[ $STEPS == *profile* ]]; then
 fi
 if [[ $STEPS == *e2eprof* ]]; then
   timeout ${E2EPROF_TIMEOUT:-300} python3 bench/e2e_profile.py --out "$OUT" ${E2EPROF_ARGS:-} 2>&1 | grep -v -i warn
+fi
+if [[ $STEPS == *dist* ]]; then
+  # DDP and FSDP2 on DIST_NPROC GPUs (NCCL, NVLink multicast off): patched vs peft step time, and a check
+  # against one process over the whole batch
+  timeout ${DIST_TIMEOUT:-400} python3 -m lora_kernels.bench.distributed --nproc ${DIST_NPROC:-2} --out "$OUT" 2>&1 \
+    | tee "$OUT/dist.log" | grep -v -i warn | tail -20
 fi

@@ -90,6 +90,16 @@ class NF4Weight:
         blocks2 = torch.arange(q.numel(), device=q.device) // self.blocksize2
         return self.code2.to(q.device)[q] * self.absmax2[blocks2] + self.offset
 
+    def kernel_absmax(self) -> Tensor:
+        """block_absmax for the kernels: on a GPU, double-quantised absmaxes decoded in one Triton launch
+        (the same bits); elsewhere, and while torch.compile traces (it fuses the expression itself), the torch
+        expression."""
+        if (self.absmax.dtype == torch.float32 or not self.absmax.is_cuda or torch.compiler.is_compiling()
+                or self.code2.device != self.absmax.device or not _backends.triton_available()):
+            return self.block_absmax().float()
+        from .triton import decode_absmax
+        return decode_absmax(self.absmax, self.code2, self.absmax2, self.offset, self.blocksize2)
+
     def nbytes(self) -> int:
         extra = 0 if self.absmax2 is None else self.absmax2.numel() * 4 + self.code2.numel() * 4
         return self.packed.numel() + self.absmax.numel() * self.absmax.element_size() + extra
@@ -280,7 +290,7 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     x2d = x.reshape(-1, K)
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    packed, absmax = qweight.packed.reshape(-1), qweight.block_absmax().float()
+    packed, absmax = qweight.packed.reshape(-1), qweight.kernel_absmax()
     fwd = _EagerLoRA4.apply if _eager(x2d, packed, absmax, lora_A, lora_B, bias, s_t) else lora4_fwd
     y, _ = fwd(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s, s_t, float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], N)

@@ -252,3 +252,14 @@ def test_eager_fast_path_equals_registered_ops_4bit(monkeypatch):
         monkeypatch, nf4_mod,
         lambda xx, aa, bb, bi: nf4.lora4_linear(xx, q, aa, bb, 0.5, bi, dropout_p=0.3, backend="torch"),
         (x, a, b, bias), "_EagerLoRA4Backward")
+
+
+@pytest.mark.skipif(not INTERP, reason="the Triton absmax decoder runs under the interpreter where there is no GPU")
+def test_absmax_decode_kernel_gives_the_torch_expressions_bits():
+    from lora_kernels.triton import decode_absmax
+    torch.manual_seed(3)
+    for rows, cols in ((96, 640), (5, 64), (300, 1024)):  # block counts off, under and over a 256-block group
+        qw = nf4.quantize_nf4(torch.randn(rows, cols) * torch.rand(rows, 1) * 4)
+        got = decode_absmax(qw.absmax, qw.code2, qw.absmax2, qw.offset, qw.blocksize2)
+        want = qw.block_absmax().float()
+        assert got.dtype == torch.float32 and torch.equal(got, want), (rows, cols)

@@ -19,23 +19,30 @@ def dequant_rows(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
                  ROWS: tl.constexpr, COLS: tl.constexpr):
     """float32 (ROWS, COLS): W[rows, c0 : c0 + COLS], columns wrapped modulo row_len (row_len % 64 == 0;
     c0 a multiple of COLS, COLS a power of two). Rows outside row_ok read row 0 and must be masked by the
-    caller's use (their values are finite)."""
+    caller's use (their values are finite).
+
+    Each packed byte is decoded in the layout it was loaded in: its two codes are looked up in the 16-entry
+    table held in shared memory (tl.gather: one conflict-free LDS per element, the table loaded once and
+    hoisted out of the caller's loop), both scaled by the block's absmax, and only the finished values are
+    interleaved. A tl.load(code_ptr + codes) gather here became, in the pipelined main loops, one 4-byte
+    cp.async per element plus a shared-memory layout conversion of a tensor of 64-bit pointers."""
+    HALF: tl.constexpr = COLS // 2
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
-    pairs = (c0 // 2 + tl.arange(0, COLS // 2)) % (row_len // 2)
-    byte = tl.load(b_ptr + rows[:, None] * (row_len // 2) + pairs[None, :])
-    codes = tl.interleave((byte >> 4).to(tl.int32), (byte & 15).to(tl.int32))
-    vals = tl.load(code_ptr + codes)
+    pairs = (c0 // 2 + tl.arange(0, HALF)) % (row_len // 2)
+    byte = tl.load(b_ptr + rows[:, None] * (row_len // 2) + pairs[None, :]).to(tl.int32)
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    hi = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
+    lo = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (ROWS * HALF,)), 0), (ROWS, HALF))
     blocks_per_row = row_len // 64
     if COLS <= 64:
         # the tile's columns lie in one 64-element block (wrapped columns are masked by the caller)
-        am = tl.load(absmax_ptr + rows * blocks_per_row + (c0 % row_len) // 64)
-        return vals * am[:, None]
+        am = tl.load(absmax_ptr + rows * blocks_per_row + (c0 % row_len) // 64)[:, None]
     else:
         GROUPS: tl.constexpr = COLS // 64
         g = (c0 // 64 + tl.arange(0, GROUPS)) % blocks_per_row
         am = tl.load(absmax_ptr + rows[:, None] * blocks_per_row + g[None, :])
-        am = tl.reshape(tl.broadcast_to(am[:, :, None], (ROWS, GROUPS, 64)), (ROWS, COLS))
-        return vals * am
+        am = tl.reshape(tl.broadcast_to(am[:, :, None], (ROWS, GROUPS, 32)), (ROWS, HALF))
+    return tl.interleave(hi * am, lo * am)  # column 2j: high nibble of byte j, 2j + 1: low nibble
 
 
 class NF4B:
@@ -91,4 +98,24 @@ def dequantize(w: "NF4Operand", dtype) -> torch.Tensor:
     block_n, block_k = (16, 64) if os.environ.get("TRITON_INTERPRET", "0") == "1" else (32, 256)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     _dequantize_kernel[grid](w.packed, w.absmax, w.code, out, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+@triton.jit
+def _decode_absmax_kernel(q_ptr, code2_ptr, absmax2_ptr, out_ptr, offset, n,
+                          BLOCKSIZE2: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    q = tl.load(q_ptr + i, mask=ok, other=0).to(tl.int32)
+    scaled = tl.load(code2_ptr + q, mask=ok, other=0.0) * tl.load(absmax2_ptr + i // BLOCKSIZE2, mask=ok, other=0.0)
+    tl.store(out_ptr + i, scaled + offset, mask=ok)
+
+
+def decode_absmax(q, code2, absmax2, offset: float, blocksize2: int) -> torch.Tensor:
+    """float32 absmax per block from double-quantised codes, code2[q]·absmax2[i // blocksize2] + offset, in one
+    launch (the torch expression took seven); no FMA contraction, so the bits equal that expression's."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    n = q.numel()
+    _decode_absmax_kernel[(triton.cdiv(n, 1024),)](q, code2, absmax2, out, float(offset), n, BLOCKSIZE2=blocksize2,
+                                                   BLOCK=1024, num_warps=4, enable_fp_fusion=False)
     return out
