@@ -23,6 +23,7 @@ from lora_kernels.triton import fused_linear as fl  # noqa: E402
 from lora_kernels.triton import merge as mg  # noqa: E402
 from lora_kernels.triton import nf4_tile as nf4_mod  # noqa: E402
 from lora_kernels.triton import splitk as sk_mod  # noqa: E402
+from lora_kernels.triton import tma_gemm as tma_mod  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"scale", "keep_scale", "offset"}
@@ -43,6 +44,8 @@ def _specialise(fn, consts, odd=()):
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             continue
+        if p.name.endswith("_desc"):  # tensor descriptors carry their own shape and alignment
+            continue
         if p.name in UNIT and p.name not in odd:
             consts[p.name] = 1
         elif p.name not in FLOAT_ARGS and p.name not in ODD and p.name not in odd:
@@ -56,7 +59,7 @@ def _signature(fn, ptr_types, constexprs):
         name = p.name
         if p.is_constexpr or name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name.endswith("_ptr") or name.endswith("_desc"):
             sig[name] = ptr_types.get(name, ptr_types["*"])
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
@@ -136,6 +139,15 @@ def variants():
         {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)
     yield "NF4 dequantise whole W", nf4_mod._dequantize_kernel, {"*": "*fp32", "b_ptr": "*u8", "out_ptr": "*bf16"}, \
         dict(BLOCK_N=32, BLOCK_K=256), dict(num_warps=4)
+    tma = dict(B_ROWS_ARE_N=True, HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, DOT_PRECISION="tf32",
+               BLOCK_R=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    tma_ptrs = {"*": "*fp32", "a_desc": "tensordesc<bf16[128, 64]>", "b_desc": "tensordesc<bf16[128, 64]>",
+                "c_ptr": "*bf16", "bias_ptr": "*bf16", "seed_ptr": "*i64"}
+    yield "TMA persistent gemm 128x128 (forward)", tma_mod._tma_lowrank_kernel, tma_ptrs, tma, \
+        dict(num_warps=8, num_stages=4)
+    yield "TMA persistent gemm 128x128 (dx, dropout)", tma_mod._tma_lowrank_kernel, \
+        dict(tma_ptrs, b_desc="tensordesc<bf16[64, 128]>"), dict(tma, B_ROWS_ARE_N=False, LOWRANK_DROPOUT=True), \
+        dict(num_warps=8, num_stages=4)
     yield "NF4 double-quantised absmax decode", nf4_mod._decode_absmax_kernel, {"*": "*fp32", "q_ptr": "*u8"}, \
         dict(BLOCKSIZE2=256, BLOCK=1024), dict(num_warps=4, enable_fp_fusion=False)
     g = dict(m, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import configs, splitk
 from .dropout import keep_mask, load_seed
+from .measured import choose
 from .nf4_tile import NF4B, NF4Operand, dequant_rows, nf4_layout
 
 
@@ -351,6 +352,32 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
                  BLOCK_R=max(16, triton.next_power_of_2(R)) if fold else _block_r(R))
     if M == 0 or N == 0:
         return out
+    tma_gemm = _tma_module() if multi is None and not nf4 and not fold else None
+    if tma_gemm is not None and tma_gemm.eligible(a, b, out, low_l):
+        def by_tma():
+            return tma_gemm.launch(a, b, out, low_l, low_r, bias, s, s_ptr, s_from_ptr, dropout,
+                                   flags["DOT_PRECISION"], flags["BLOCK_R"])
+        key = ("gemm feed", a.device, configs.m_bucket(M), N, K, R, a.dtype, low_l.dtype, low_r.dtype,
+               b.stride(0) == 1, *flags.values())
+        if choose(key, {"pointers": lambda: _launch_gemm(args, flags, a, b_ptr, out, low_l, low_r),
+                        "tma": by_tma}, "pointers", "LORA_KERNELS_GEMM") == "tma":
+            return by_tma()
+    return _launch_gemm(args, flags, a, b_ptr, out, low_l, low_r)
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_module():
+    """tma_gemm, or None where this Triton has no host-side tensor descriptors (the pointer-fed kernel serves)."""
+    try:
+        from . import tma_gemm
+        return tma_gemm
+    except ImportError:
+        return None
+
+
+def _launch_gemm(args, flags, a, b_ptr, out, low_l, low_r):
+    """The pointer-fed kernel: every variant (4-bit W, mixed adapters, folded x·Aᵀ), any strides."""
+    M, N, K, R = args[13:17]
     if configs.interpreting():
         cfg = configs.INTERPRET_GEMM
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
