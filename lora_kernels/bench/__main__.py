@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .providers import PROVIDERS
+from .providers import FORCED_FEEDS, PROVIDERS
 
 
 def _progress(jobs):
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
                     choices=["forward", "train", "merge", "merge_model", "multi", "nf4", "e2e"],
                     help="train = fwd+bwd with x needing grad, W frozen; multi = mixed-adapter batches; nf4 = 4-bit base; "
                          "e2e = a ~1B Llama fine-tune step (needs peft and transformers)")
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS) + list(FORCED_FEEDS),
+                    help="also, on request: triton_pointers, triton_tma (the Triton GEMM's feed forced)")
     ap.add_argument("--e2e-variants", nargs="+", default=None,
                     help="e2e providers (default: peft, peft_compile, patched, patched_triton, patched_compile; "
                          "also qlora_peft, qlora_patched: the target linears in bitsandbytes NF4); the first "

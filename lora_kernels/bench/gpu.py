@@ -102,6 +102,8 @@ def bench_linear(mode, M, K, N, r, dtype, dropout_p, names, log):
                 x = pb.x.clone().requires_grad_()
                 dy = torch.randn(M, N, device="cuda", dtype=dtype)
                 step = _step_fn(fwd, x, dy)
+                if name in P.FORCED_FEEDS:  # the backward's dx GEMM too
+                    step = P.forced("LORA_KERNELS_GEMM", P.FORCED_FEEDS[name], step)
                 step()
                 grads = [x, pb.lora_A, pb.lora_B]
                 (p20, p50, p80), how = do_bench(step, warmup=25, rep=100, grad_to_none=grads,

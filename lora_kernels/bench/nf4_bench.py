@@ -2,8 +2,6 @@
 bitsandbytes Linear4bit where bitsandbytes is installed."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -13,19 +11,6 @@ from .gpu import time_fn
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 MS = [1, 16, 8192]
-
-
-def _forced(var, path, fn):
-    """fn with one path forced through the environment variable var (LORA_KERNELS_DECODE: split-K or one
-    GEMM for few rows; LORA_KERNELS_NF4: tiled or dequantised whole for many), shown next to the choice."""
-    def run():
-        before = os.environ.get(var)
-        os.environ[var] = path
-        try:
-            return fn()
-        finally:
-            os.environ.pop(var) if before is None else os.environ.update({var: before})
-    return run
 
 
 def _bnb_peft(weight, r):
@@ -56,11 +41,11 @@ def run(r=16, log=print):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             fns = {"base": lambda: x @ w.t(), "triton": lambda: layer(x)}
             if M <= 64:
-                fns.update(triton_gemm=_forced("LORA_KERNELS_DECODE", "gemm", fns["triton"]),
-                           triton_splitk=_forced("LORA_KERNELS_DECODE", "splitk", fns["triton"]))
+                fns.update(triton_gemm=P.forced("LORA_KERNELS_DECODE", "gemm", fns["triton"]),
+                           triton_splitk=P.forced("LORA_KERNELS_DECODE", "splitk", fns["triton"]))
             else:
-                fns.update(triton_tiled=_forced("LORA_KERNELS_NF4", "tiled", fns["triton"]),
-                           triton_dense=_forced("LORA_KERNELS_NF4", "dense", fns["triton"]))
+                fns.update(triton_tiled=P.forced("LORA_KERNELS_NF4", "tiled", fns["triton"]),
+                           triton_dense=P.forced("LORA_KERNELS_NF4", "dense", fns["triton"]))
             if bnb_layer is not None:
                 fns["bnb_peft"] = lambda: bnb_layer(x)
             base_ms = None

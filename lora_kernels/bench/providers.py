@@ -5,6 +5,8 @@ computes the same function on the same data.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -68,6 +70,19 @@ def _addmm(pb: Problem):
     return fwd
 
 
+def forced(var, path, fn):
+    """fn with one path forced through the environment variable var (LORA_KERNELS_DECODE, LORA_KERNELS_NF4,
+    LORA_KERNELS_GEMM), so a bench row can show each path next to the one chosen."""
+    def run(*args):
+        before = os.environ.get(var)
+        os.environ[var] = path
+        try:
+            return fn(*args)
+        finally:
+            os.environ.pop(var) if before is None else os.environ.update({var: before})
+    return run
+
+
 def build(name: str, pb: Problem):
     """A forward callable for provider `name`, or None where it cannot run here."""
     if name == "base":
@@ -87,7 +102,12 @@ def build(name: str, pb: Problem):
             return None
         return lambda x: lk.lora_linear(x, pb.weight, pb.lora_A, pb.lora_B, pb.scaling, dropout_p=pb.p,
                                         backend=name)
+    if name in FORCED_FEEDS:
+        fwd = build("triton", pb)
+        return None if fwd is None else forced("LORA_KERNELS_GEMM", FORCED_FEEDS[name], fwd)
     raise ValueError(f"unknown provider {name!r}")
 
 
 PROVIDERS = ("base", "peft", "peft_compile", "addmm", "triton", "cuda")
+# On request (--providers): the Triton backend with its GEMM's feed forced (pointer loads or TMA descriptors)
+FORCED_FEEDS = {"triton_pointers": "pointers", "triton_tma": "tma"}

@@ -20,7 +20,7 @@ def write_jsonl(rows, path):
 
 def markdown(rows, meta) -> str:
     """One line per (mode, shape, r, dropout): each provider's ratio to the base, and ours next to the floor."""
-    order = ["base", "copy", "peft", "peft_compile", "addmm", "triton", "cuda"]
+    order = ["base", "copy", "peft", "peft_compile", "addmm", "triton", "triton_pointers", "triton_tma", "cuda"]
     present = [p for p in order if any(r["provider"] == p for r in rows)]
     groups = OrderedDict()
     for r in rows:
