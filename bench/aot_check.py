@@ -125,7 +125,7 @@ def variants():
     rr_ptrs = {"*": "*bf16", "s_ptr": "*fp32", "out_ptr": "*fp32", "colsum_ptr": "*fp32", "scale_ptr": "*fp32",
                "seed_ptr": "*i64"}
     yield "reduce rows (dA/dB, dbias)", fl._reduce_rows_kernel, rr_ptrs, rr, dict(num_warps=4, num_stages=3)
-    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, PRECISION="tf32x3", W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=64, BLOCK_K=64,
+    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, PRECISION="tf32x3", STAGES=3, W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=64, BLOCK_K=64,
              BLOCK_R=16)
     yield "merge bf16 unmerge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, m, dict(num_warps=4)
     sk = dict(NF4=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16)

@@ -21,10 +21,11 @@ def _merge_kernel(
     N, K, R, stride_wn, stride_an, stride_bn, scale,
     UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
 ):
+    # Program (n, k) walks the column tiles k, k + K_programs, ... of row block n: the loop's loads are
+    # pipelined (several W tiles in flight per program), B's rows are loaded once.
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     if GROUPED:
         layer = tl.program_id(2)
         w_ptr += tl.load(w_offs_ptr + layer) * W_VEC
@@ -32,16 +33,22 @@ def _merge_kernel(
         b_ptr += tl.load(b_offs_ptr + layer) * B_VEC
         scale = tl.load(scales_ptr + layer)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    # W's tile is loaded first so that its trip to memory overlaps the loads of A, B and the product.
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    ok = (rn[:, None] < N) & (rk[None, :] < K)
-    w = tl.load(w_ptrs, mask=ok, other=0.0)
     b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
                 mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-    a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :],
-                mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+    for kt in tl.range(tl.program_id(1), tl.cdiv(K, BLOCK_K), tl.num_programs(1), num_stages=STAGES):
+        rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+        ok = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptrs, mask=ok, other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K),
+                    other=0.0)
+        _merge_tile(w, w_ptrs, ok, b, a, scale, UNMERGE, INT_TY, PRECISION)
+
+
+@triton.jit
+def _merge_tile(w, w_ptrs, ok, b, a, scale, UNMERGE: tl.constexpr, INT_TY: tl.constexpr, PRECISION: tl.constexpr):
+    """W's tile ← round(w ± s·b·a), stored in place; the same per-element arithmetic wherever the tile lies."""
     if b.dtype == a.dtype and b.dtype != tl.float32:
         delta = tl.dot(b, a) * scale  # 16-bit adapters: exact products, float32 sums, on tensor cores
     else:
@@ -65,6 +72,7 @@ def _merge_kernel(
     tl.store(w_ptrs, out, mask=ok)
 
 
+_STAGES = 3  # W tiles in flight per program
 _INT = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16}
 
 
@@ -81,17 +89,25 @@ def _blocks(R):
     return block_n, block_k, block_r
 
 
+def _k_programs(n_blocks, k_tiles, layers, like) -> int:
+    """Programs per row block: about four per SM over the whole grid, each walking at least four column tiles
+    where there are enough (its loads then overlap)."""
+    want = triton.cdiv(4 * configs.sm_count(like), n_blocks * layers)
+    return max(1, min(want, k_tiles // 4 or 1))
+
+
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
     N, K = weight.shape
     R = lora_A.shape[0]
     A = lora_A.contiguous()
     B = lora_B.contiguous()
     block_n, block_k, block_r = _blocks(R)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    n_blocks, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight))
     _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
                         B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype], GROUPED=False,
-                        PRECISION=_precision(weight),
-                        W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+                        PRECISION=_precision(weight), W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=block_n, BLOCK_K=block_k,
+                        BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
 
 
 def _offsets_16b(tensors):
@@ -108,10 +124,11 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     N, K = w0.shape
     R = a0.shape[0]
     block_n, block_k, block_r = _blocks(R)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k), len(weights))
+    n_blocks, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    grid = (n_blocks, _k_programs(n_blocks, k_tiles, len(weights), w0), len(weights))
     scales = torch.tensor(scalings, dtype=torch.float32, device=w0.device)
     _merge_kernel[grid](w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,
                         N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
-                        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0), W_VEC=16 // w0.element_size(),
-                        A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
-                        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+                        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0),
+                        W_VEC=16 // w0.element_size(), A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
+                        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
