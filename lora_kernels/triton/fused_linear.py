@@ -35,6 +35,22 @@ def _lowrank_dot(acc, l_ptr, r_ptr, rows, rn, R, stride_lm, stride_lr, stride_rr
 
 
 @triton.jit
+def output_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile `tile` of the output in grouped order (GROUP_M row blocks share each column block of B while it
+    sits in L2): its block indices, row and column offsets, and those offsets wrapped into range (every load
+    stays in bounds; the store is masked instead)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((tile % per_group) % group_rows)
+    pid_n = (tile % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
+
+
+@triton.jit
 def _next_slot(slot, cur):
     """The smallest slot id in the tile above cur (2**30 when none): walks only the slots present."""
     return tl.min(tl.where(slot > cur, slot, 1 << 30), axis=0)
@@ -69,20 +85,7 @@ def _gemm_lowrank_kernel(
     rows of W with vector loads (row length a multiple of 64); 0 gathers byte and absmax per element.
     """
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-blocks share each column-block of B while it sits in L2.
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % group_rows)
-    pid_n = (pid % per_group) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Wrapped indices keep every load in bounds; the store is masked instead.
-    rm = (offs_m % M).to(tl.int64)
-    rn = (offs_n % N).to(tl.int64)
+    pid_m, pid_n, offs_m, offs_n, rm, rn = output_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if MULTI:
         src = tl.load(perm_ptr + rm).to(tl.int64)
     else:

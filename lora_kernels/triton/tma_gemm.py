@@ -17,7 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
 from .dropout import keep_mask, load_seed
-from .fused_linear import _lowrank_dot
+from .fused_linear import _lowrank_dot, output_tile
 
 
 @triton.jit
@@ -32,22 +32,13 @@ def _tma_lowrank_kernel(
     DT: tl.constexpr = c_ptr.dtype.element_ty
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     if SCALE_FROM_PTR:
         s = tl.load(scale_ptr).to(tl.float32)
     else:
         s = scale
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
-        # grouped order, as in the pointer-fed kernel: GROUP_M row blocks share a column block of B in L2
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((tile % per_group) % group_rows)
-        pid_n = (tile % per_group) // group_rows
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = (offs_m % M).to(tl.int64)
-        rn = (offs_n % N).to(tl.int64)
+        pid_m, pid_n, offs_m, offs_n, rm, rn = output_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if LOWRANK_DROPOUT:  # the mask must meet the low-rank term alone: it goes first
             acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
