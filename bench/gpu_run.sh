@@ -69,6 +69,8 @@ if [[ $STEPS == *bench* ]]; then
 fi
 if [[ $STEPS == *profile* ]]; then
   timeout ${PROFILE_TIMEOUT:-120} python3 bench/profile_cases.py 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
+  # wall vs GPU time per call at every row of the kernels' target table (host-bound cells stand out)
+  timeout ${PROFILE_TIMEOUT:-120} python3 bench/profile_cases.py --table "$OUT/host-table.md" 2>&1 | grep -v -i warn
 fi
 if [[ $STEPS == *e2eprof* ]]; then
   timeout ${E2EPROF_TIMEOUT:-300} python3 bench/e2e_profile.py --out "$OUT" ${E2EPROF_ARGS:-} 2>&1 | grep -v -i warn

@@ -2,7 +2,10 @@
 and the wall time per call when calls are issued back to back: wall well above GPU time means the host
 (Python, dispatch, launches) is the limit, not the kernels.
 
-python3 bench/profile_cases.py  -> per case: GPU and wall microseconds per call, then the top kernels."""
+python3 bench/profile_cases.py  -> per case: GPU and wall microseconds per call, then the top kernels.
+python3 bench/profile_cases.py --table out.md  -> wall / GPU microseconds per call for every row of the
+    kernels' target table (forward and train step, cuBLAS, the addmm composite, triton, cuda and auto)."""
+import argparse
 import time
 
 import torch
@@ -13,7 +16,8 @@ import lora_kernels as lk
 from lora_kernels import nf4
 
 
-def _profile(name, fn, reps=20):
+def _measure(fn, reps=20):
+    """(GPU µs, wall µs) per call, and the profiler's CUDA events."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -28,10 +32,57 @@ def _profile(name, fn, reps=20):
     for _ in range(reps * 5):
         fn()
     torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t0) / (reps * 5) * 1e6
+    return gpu_us, (time.perf_counter() - t0) / (reps * 5) * 1e6, events
+
+
+def _profile(name, fn, reps=20):
+    gpu_us, wall_us, events = _measure(fn, reps)
     print(f"== {name}: GPU {gpu_us:.1f} us, wall {wall_us:.1f} us per call")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:6]:
         print(f"   {e.device_time_total / reps:9.1f} us  x{e.count // reps:<3d} {e.key[:90]}")
+
+
+# The rows of the fused op's target table (bf16, r = 16): work, M, K, N, dropout.
+TABLE = [("forward", 8192, 4096, 4096, 0.0), ("forward", 8192, 4096, 14336, 0.0), ("forward", 2048, 4096, 4096, 0.0),
+         ("forward", 512, 4096, 4096, 0.0), ("forward", 4096, 2048, 5632, 0.0), ("forward", 16, 4096, 4096, 0.0),
+         ("forward", 64, 4096, 4096, 0.0), ("train", 8192, 4096, 4096, 0.0), ("train", 8192, 4096, 4096, 0.05),
+         ("train", 4096, 2048, 5632, 0.0), ("train", 2048, 4096, 4096, 0.0), ("train", 4096, 2048, 256, 0.0)]
+
+
+def host_table(path, r=16, dt=torch.bfloat16):
+    """Wall vs GPU time per call, issued back to back, for each row and provider: a cell whose wall time is
+    well above its GPU time is bound by the host."""
+    names = ["cublas", "addmm", "triton", "cuda", "auto"]
+    lines = ["| work | M×K×N | p | " + " | ".join(f"{n} wall / GPU µs" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for work, M, K, N, p in TABLE:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device="cuda") / K**0.5).to(dt)
+        a = (torch.randn(r, K, device="cuda") / K**0.5).to(dt).requires_grad_()
+        b = (torch.randn(N, r, device="cuda") / r**0.5).to(dt).requires_grad_()
+        x = torch.randn(M, K, device="cuda", dtype=dt, requires_grad=work == "train")
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+
+        def addmm():
+            xd = nn.functional.dropout(x, p) if p > 0 else x
+            return (x @ w.t()).addmm_(xd @ a.t(), b.t(), alpha=2.0)
+        fwds = {"cublas": lambda: x @ w.t(), "addmm": addmm}
+        for be in ("triton", "cuda", "auto"):
+            fwds[be] = lambda be=be: lk.lora_linear(x, w, a, b, 2.0, dropout_p=p, backend=be)
+        cells = []
+        for name in names:
+            fn = fwds[name]
+            run = (lambda fn=fn: fn().backward(dy)) if work == "train" else fn
+            try:
+                with torch.set_grad_enabled(work == "train"):
+                    gpu_us, wall_us, _ = _measure(run)
+                cells.append(f"{wall_us:.0f} / {gpu_us:.0f}")
+            except Exception as e:  # noqa: BLE001 - one provider failing must not lose the row
+                cells.append(f"failed: {type(e).__name__}")
+        lines.append(f"| {work} | {M}×{K}×{N} | {p} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _guard(name, fn):
@@ -81,4 +132,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--table", help="write the wall / GPU table of every target row to this markdown file")
+    args = ap.parse_args()
+    host_table(args.table) if args.table else main()
