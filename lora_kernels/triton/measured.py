@@ -26,6 +26,12 @@ def wall_ms(fn, reps=20):
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def decided(key, env: str, names) -> "str | None":
+    """The name forced by `env` (when one of names) or already chosen for key; None while undecided."""
+    forced = os.environ.get(env)
+    return forced if forced in names else _chosen.get(key)
+
+
 def choose(key, options: dict, default: str, env: str) -> str:
     """The name in `options` (name -> zero-argument callable) that runs `key`'s shape fastest. The variable
     `env` forces a name. Nothing is timed, and `default` is returned undecided, under the Triton

@@ -1,0 +1,77 @@
+"""`auto` for the fused linear where both GPU backends are built: each shape and mode is timed once on both,
+the faster serves it, and the timing leaves no trace (generators restored, no gradient accumulated). Timing is
+stubbed here, and a named backend stands in for the kernels, so the rule itself runs on the CPU."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import auto_linear
+
+pytestmark = pytest.mark.skipif(not lk.triton_available(), reason="the measured choice lives in the Triton package")
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """Calls per backend, and a stand-in timer that reports `times[backend]` for whichever backend ran."""
+    from lora_kernels.triton import measured
+    monkeypatch.setattr(measured, "_chosen", {})
+    monkeypatch.setattr(measured.configs, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.delenv(auto_linear.ENV, raising=False)
+    state = SimpleNamespace(calls=[], times={"cuda": 2.0, "triton": 1.0})
+
+    def linear(x, w, a, b, s, bias, dropout_p, backend):
+        state.calls.append(backend)
+        return lk.lora_linear(x, w, a, b, s, bias, dropout_p=dropout_p, backend="torch")
+
+    def wall_ms(fn, reps=20):
+        first = len(state.calls)
+        fn()
+        return state.times[state.calls[first]]
+    monkeypatch.setattr(measured, "wall_ms", wall_ms)
+    state.linear = linear
+    return state
+
+
+def _inputs():
+    torch.manual_seed(0)
+    return (torch.randn(64, 32, requires_grad=True), torch.randn(24, 32), torch.randn(4, 32, requires_grad=True),
+            torch.randn(24, 4, requires_grad=True))
+
+
+def test_faster_backend_chosen_once_per_shape_and_mode_without_a_trace(timed):
+    x, w, a, b = _inputs()
+    rng = torch.get_rng_state()
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"
+    assert set(timed.calls) == {"cuda", "triton"}
+    assert torch.equal(torch.get_rng_state(), rng), "the timing's dropout draws moved the generator"
+    assert x.grad is None and a.grad is None and b.grad is None, "the timing accumulated gradients"
+    timed.calls.clear()
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton" and not timed.calls
+    timed.times.update(cuda=0.5)
+    with torch.no_grad():  # forward only: a key of its own, timed on its own
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "cuda"
+    assert auto_linear.linear_backend(timed.linear, x[:3], w, a, b, None, 0.5, 0.1) == "cuda"  # another row bucket
+
+
+def test_forced_by_environment_and_never_timed_inside_a_backward(timed, monkeypatch):
+    x, w, a, b = _inputs()
+    monkeypatch.setattr(torch._C, "_current_autograd_node", lambda: object())
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "cuda" and not timed.calls
+    monkeypatch.setenv(auto_linear.ENV, "triton")
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton" and not timed.calls
+
+
+def test_applies_only_where_auto_picked_the_extension_for_gpu_tensors(monkeypatch):
+    monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: True)
+    gpu = SimpleNamespace(is_cuda=True)
+    assert auto_linear.applies("auto", "cuda", gpu, None)
+    assert not auto_linear.applies("cuda", "cuda", gpu, None)                      # a backend named by the user
+    assert not auto_linear.applies("auto", "triton", gpu, None)                    # tensor scaling: Triton already
+    assert not auto_linear.applies("auto", "cuda", gpu, torch.tensor(0.5))
+    assert not auto_linear.applies("auto", "cuda", SimpleNamespace(is_cuda=False), None)
+    monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: False)
+    assert not auto_linear.applies("auto", "cuda", gpu, None)
