@@ -21,7 +21,8 @@ DEFAULT = "cuda"
 
 def _key(x, weight, lora_A, lora_B, bias, dropout_p, training):
     from .triton import configs
-    return ("auto linear", x.device, configs.m_bucket(x.shape[0]), tuple(weight.shape), lora_A.shape[0], x.dtype,
+    rows = x.numel() // max(x.shape[-1], 1)
+    return ("auto linear", x.device, configs.m_bucket(rows), tuple(weight.shape), lora_A.shape[0], x.dtype,
             lora_A.dtype, lora_B.dtype, bias is not None, dropout_p > 0.0, training)
 
 
@@ -38,7 +39,7 @@ def _one_call(linear, backend, x, weight, lora_A, lora_B, bias, scaling, dropout
 
 
 def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float) -> str:
-    """'cuda' or 'triton' for this call (x 2-D, on a GPU, both backends built, eager mode)."""
+    """'cuda' or 'triton' for this call (x (..., K) on a GPU, both backends built, eager mode)."""
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
     key = _key(x, weight, lora_A, lora_B, bias, dropout_p, training)

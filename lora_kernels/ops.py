@@ -216,8 +216,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     s, s_t = _split_scaling(scaling, x.device)
     name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
     if auto_linear.applies(backend, name, x, s_t) and _eager(x, weight, lora_A, lora_B, bias):
-        name = auto_linear.linear_backend(lora_linear, x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, s,
-                                          float(dropout_p))
+        name = auto_linear.linear_backend(lora_linear, x, weight, lora_A, lora_B, bias, s, float(dropout_p))
     if name == "cuda" and s_t is None:
         if _eager(x, weight, lora_A, lora_B, bias):
             # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.
