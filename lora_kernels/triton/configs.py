@@ -20,9 +20,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: triton.cdiv is a constexpr function there, whose call wrapper costs
+    microseconds of host time, and the launch paths call it several times per layer."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), for host code (see cdiv)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for M: powers of two up to 4096, so a new batch size rarely retunes."""
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
+    return min(next_pow2(max(m, 1)), 4096)
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -124,7 +135,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
 def skinny_split(rows: int, cols_blocks: int, sms: int = 132) -> int:
     """Row-splits for the skinny kernels so that about two CTAs land on each SM."""
     want = max(1, (2 * sms) // max(cols_blocks, 1))
-    return max(1, min(want, triton.cdiv(rows, 64), 64))
+    return max(1, min(want, cdiv(rows, 64), 64))
 
 
 # Fold x·Aᵀ into the GEMM (one launch) up to this many rows: there the GEMM streams W and the extra

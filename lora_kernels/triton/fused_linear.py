@@ -294,7 +294,7 @@ def _precision(dtype, allow_tf32: bool) -> str:
 
 
 def _block_r(r: int) -> int:
-    return min(max(16, triton.next_power_of_2(r)), 64)
+    return min(max(16, configs.next_pow2(r)), 64)
 
 
 class Dropout:
@@ -352,7 +352,7 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
     flags = dict(HAS_BIAS=bias is not None, SCALE_FROM_PTR=s_from_ptr, LOWRANK_DROPOUT=dropout.on,
                  MULTI=multi is not None, NF4=nf4, NF4_LAYOUT=nf4_layout(b) if nf4 else 0, FOLD_XA=fold,
                  DOT_PRECISION=_precision(a.dtype, allow_tf32),
-                 BLOCK_R=max(16, triton.next_power_of_2(R)) if fold else _block_r(R))
+                 BLOCK_R=max(16, configs.next_pow2(R)) if fold else _block_r(R))
     if M == 0 or N == 0:
         return out
     tma_gemm = _tma_module() if multi is None and not nf4 and not fold else None
@@ -383,11 +383,11 @@ def _launch_gemm(args, flags, a, b_ptr, out, low_l, low_r):
     M, N, K, R = args[13:17]
     if configs.interpreting():
         cfg = configs.INTERPRET_GEMM
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (configs.cdiv(M, cfg["BLOCK_M"]) * configs.cdiv(N, cfg["BLOCK_N"]),)
         _gemm_lowrank_kernel[grid](*args, EVEN_K=K % cfg["BLOCK_K"] == 0, **flags, **cfg)
     else:
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            return (configs.cdiv(M, meta["BLOCK_M"]) * configs.cdiv(N, meta["BLOCK_N"]),)
         key = (a.device.index, configs.m_bucket(M), N, K, R, a.dtype, b_ptr.dtype, out.dtype, low_l.dtype,
                low_r.dtype, *flags.values())
         cfg = _tuned_configs.get(key)
@@ -413,13 +413,13 @@ def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, multi=None, all
     dropout = dropout or Dropout(None, 0.0)
     if M == 0 or K == 0:
         return torch.zeros((M, R), device=x.device, dtype=torch.float32)
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = max(16, configs.next_pow2(R))
     block_m = 16 if configs.interpreting() else (64 if M > 64 else 16)
     block_k = 32 if (configs.interpreting() or block_r > 64) else 64
-    m_blocks = triton.cdiv(M, block_m)
+    m_blocks = configs.cdiv(M, block_m)
     split = configs.skinny_split(K, m_blocks, _sms(x))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
+    k_per_split = configs.cdiv(configs.cdiv(K, split), block_k) * block_k
+    split = configs.cdiv(K, k_per_split)
     part = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
     s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, x)
     perm, slots, rs, r2 = (multi.perm, multi.slots, rt.stride(0), rt[0]) if multi is not None else (x, x, 0, rt)
@@ -443,13 +443,13 @@ def reduce_rows(x, s_mat, *, scale=1.0, scale_t=None, dropout=None, colsum=False
     if M == 0 or C == 0:
         zeros = torch.zeros((C, R), device=x.device, dtype=torch.float32)
         return zeros, (torch.zeros((C,), device=x.device, dtype=torch.float32) if colsum else None)
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = max(16, configs.next_pow2(R))
     block_c = 32 if (configs.interpreting() or block_r > 64) else 64
     block_m = 16 if configs.interpreting() else 64
-    c_blocks = triton.cdiv(C, block_c)
+    c_blocks = configs.cdiv(C, block_c)
     split = configs.skinny_split(M, c_blocks, _sms(x))
-    m_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
-    split = max(1, triton.cdiv(M, m_per_split))
+    m_per_split = configs.cdiv(configs.cdiv(M, split), block_m) * block_m
+    split = max(1, configs.cdiv(M, m_per_split))
     part = torch.empty((split, C, R), device=x.device, dtype=torch.float32)
     col = torch.empty((split, C), device=x.device, dtype=torch.float32) if colsum else part
     s, s_ptr, s_from_ptr = _scale_args(scale, scale_t, x)

@@ -84,7 +84,7 @@ def _precision(w):
 
 
 def _blocks(R):
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = max(16, configs.next_pow2(R))
     block_n, block_k = (16, 32) if configs.interpreting() else (64, 64 if block_r <= 64 else 32)
     return block_n, block_k, block_r
 
@@ -92,7 +92,7 @@ def _blocks(R):
 def _k_programs(n_blocks, k_tiles, layers, like) -> int:
     """Programs per row block: about four per SM over the whole grid, each walking at least four column tiles
     where there are enough (its loads then overlap)."""
-    want = triton.cdiv(4 * configs.sm_count(like), n_blocks * layers)
+    want = configs.cdiv(4 * configs.sm_count(like), n_blocks * layers)
     return max(1, min(want, k_tiles // 4 or 1))
 
 
@@ -102,7 +102,7 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
     A = lora_A.contiguous()
     B = lora_B.contiguous()
     block_n, block_k, block_r = _blocks(R)
-    n_blocks, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
     grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight))
     _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
                         B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype], GROUPED=False,
@@ -124,7 +124,7 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     N, K = w0.shape
     R = a0.shape[0]
     block_n, block_k, block_r = _blocks(R)
-    n_blocks, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
     grid = (n_blocks, _k_programs(n_blocks, k_tiles, len(weights), w0), len(weights))
     scales = torch.tensor(scalings, dtype=torch.float32, device=w0.device)
     _merge_kernel[grid](w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,

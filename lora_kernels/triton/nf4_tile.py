@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
+
 
 @triton.jit
 def dequant_rows(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
@@ -96,7 +98,7 @@ def dequantize(w: "NF4Operand", dtype) -> torch.Tensor:
     N, K = w.shape
     out = torch.empty((N, K), dtype=dtype, device=w.packed.device)
     block_n, block_k = (16, 64) if os.environ.get("TRITON_INTERPRET", "0") == "1" else (32, 256)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    grid = (configs.cdiv(N, block_n), configs.cdiv(K, block_k))
     _dequantize_kernel[grid](w.packed, w.absmax, w.code, out, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
 
@@ -116,6 +118,6 @@ def decode_absmax(q, code2, absmax2, offset: float, blocksize2: int) -> torch.Te
     launch (the torch expression took seven); no FMA contraction, so the bits equal that expression's."""
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     n = q.numel()
-    _decode_absmax_kernel[(triton.cdiv(n, 1024),)](q, code2, absmax2, out, float(offset), n, BLOCKSIZE2=blocksize2,
+    _decode_absmax_kernel[(configs.cdiv(n, 1024),)](q, code2, absmax2, out, float(offset), n, BLOCKSIZE2=blocksize2,
                                                    BLOCK=1024, num_warps=4, enable_fp_fusion=False)
     return out

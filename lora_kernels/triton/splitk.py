@@ -110,16 +110,16 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
     M, K = x2d.shape
     N, R = lora_B.shape
     nf4 = isinstance(weight, NF4Operand)
-    block_m, block_r = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(R))
+    block_m, block_r = max(16, configs.next_pow2(M)), max(16, configs.next_pow2(R))
     block_n, block_k = (16, 64) if configs.interpreting() else (64, 128)
-    n_blocks = triton.cdiv(N, block_n)
+    n_blocks = configs.cdiv(N, block_n)
     sms = configs.sm_count(x2d)
     # About four programs per SM, but partial sums (split·M·N floats, written and read once) kept under an
     # eighth of W's bytes.
     w_bytes = 0.5 if nf4 else weight.element_size()
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(4 * sms, n_blocks), int(K * w_bytes) // (32 * M)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
+    split = max(1, min(configs.cdiv(K, block_k), configs.cdiv(4 * sms, n_blocks), int(K * w_bytes) // (32 * M)))
+    k_per_split = configs.cdiv(configs.cdiv(K, split), block_k) * block_k
+    split = configs.cdiv(K, k_per_split)
     dev = x2d.device
     part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
     xa_part = torch.empty((split, M, R), device=dev, dtype=torch.float32)

@@ -130,7 +130,7 @@ def launch(a, b, out, low_l, low_r, bias, s, s_ptr, s_from_ptr, dropout, precisi
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, bk])
         b_desc = TensorDescriptor(b_mem, list(b_mem.shape), [b_mem.stride(0), 1], [bn, bk] if rows_n else [bk, bn])
-        grid = (min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+        grid = (min(programs, configs.cdiv(M, bm) * configs.cdiv(N, bn)),)
         _tma_lowrank_kernel[grid](a_desc, b_desc, *tail, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                   num_stages=cfg.num_stages)
 
