@@ -46,8 +46,11 @@ def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, drop
     decided = measured.decided(key, ENV, ("cuda", "triton"))
     if decided is not None:
         return decided
-    if torch._C._current_autograd_node() is not None:
-        return DEFAULT  # inside a backward: decided by a later forward
+    if (torch._C._current_autograd_node() is not None or torch.cuda.is_current_stream_capturing()
+            or torch.cuda.get_sync_debug_mode() != 0):
+        # inside a backward, a graph capture (where the generators' state cannot be saved and restored) or
+        # sync-debug mode: decided by a later eager forward
+        return DEFAULT
     options = {name: _one_call(linear, name, x, weight, lora_A, lora_B, bias, scaling, dropout_p, training)
                for name in ("cuda", "triton")}
     devices = [x.device.index or 0] if x.is_cuda else []

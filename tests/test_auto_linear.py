@@ -75,3 +75,11 @@ def test_applies_only_where_auto_picked_the_extension_for_gpu_tensors(monkeypatc
     assert not auto_linear.applies("auto", "cuda", SimpleNamespace(is_cuda=False), None)
     monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: False)
     assert not auto_linear.applies("auto", "cuda", gpu, None)
+
+
+def test_not_timed_inside_graph_capture(timed, monkeypatch):
+    x, w, a, b = _inputs()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "cuda" and not timed.calls
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"  # decided when eager
