@@ -83,3 +83,25 @@ def test_not_timed_inside_graph_capture(timed, monkeypatch):
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "cuda" and not timed.calls
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"  # decided when eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and lk.cuda_ext_available()), reason="needs a GPU and the extension")
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_auto_on_gpu_gives_the_bits_of_the_backend_it_chose(monkeypatch, p):
+    """The real rule on a GPU: both backends timed once, the choice stored, and the call's result (dropout mask
+    included) bit-equal to calling the chosen backend by name from the same generator state."""
+    from lora_kernels.triton import measured
+    from helpers import make_inputs
+    monkeypatch.setattr(measured, "_chosen", {})
+    monkeypatch.delenv(auto_linear.ENV, raising=False)
+    x, w, a, b, bias = make_inputs(512, 256, 384, 16, torch.bfloat16, device="cuda", adapter_dtype=torch.float32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+    torch.manual_seed(7)
+    y = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p)
+    assert all(t.grad is None for t in leaves), "the timing accumulated gradients"
+    chosen = [v for k, v in measured._chosen.items() if k[0] == "auto linear"]
+    assert len(chosen) == 1 and chosen[0] in ("cuda", "triton")
+    torch.manual_seed(7)
+    again = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p, backend=chosen[0])
+    assert torch.equal(y, again)
