@@ -30,7 +30,7 @@ def test_tma_gemm_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, dtype, 
         pytest.skip("the interpreter runs float32 / float16")
     if device == "cuda" and not tma_gemm.eligible(torch.empty(M, K, device=device, dtype=dtype),
                                                   torch.empty(N, K, device=device, dtype=dtype).t(),
-                                                  torch.empty(M, N, device=device, dtype=dtype), None):
+                                                  torch.empty(M, N, device=device, dtype=dtype)):
         pytest.skip("TMA-fed GEMM is for Hopper")
     monkeypatch.setenv("LORA_KERNELS_GEMM", "tma")
     calls = _count_tma(monkeypatch)
@@ -43,11 +43,11 @@ def test_tma_gemm_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, dtype, 
 def test_shapes_it_takes_and_leaves():
     h = torch.float16
     x, w, y = torch.empty(256, 64, dtype=h), torch.empty(48, 64, dtype=h), torch.empty(256, 48, dtype=h)
-    ok = tma_gemm.eligible if lk.triton_available() else None
+    ok = tma_gemm.eligible
     interp = tma_gemm.configs.interpreting()
     assert tma_gemm.b_rows_are_n(w.t()) is True and tma_gemm.b_rows_are_n(w) is False
     assert tma_gemm.b_rows_are_n(torch.empty(48, 100, dtype=h).t()) is None    # 200-byte rows: no descriptor
-    assert ok(x, w.t(), y, None) == interp                                      # CPU tensors: interpreter only
-    assert not ok(x[:100], w.t(), y[:100], None)                                # too few rows
-    assert not ok(x.float(), w.t().float(), y.float(), None)                    # 16-bit operands only
-    assert not ok(torch.empty(256, 100, dtype=h), torch.empty(48, 100, dtype=h).t(), y, None)
+    assert ok(x, w.t(), y) == interp                                      # CPU tensors: interpreter only
+    assert not ok(x[:100], w.t(), y[:100])                                # too few rows
+    assert not ok(x.float(), w.t().float(), y.float())                    # 16-bit operands only
+    assert not ok(torch.empty(256, 100, dtype=h), torch.empty(48, 100, dtype=h).t(), y)

@@ -356,7 +356,7 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
     if M == 0 or N == 0:
         return out
     tma_gemm = _tma_module() if multi is None and not nf4 and not fold else None
-    if tma_gemm is not None and tma_gemm.eligible(a, b, out, low_l):
+    if tma_gemm is not None and tma_gemm.eligible(a, b, out):
         def by_tma():
             return tma_gemm.launch(a, b, out, low_l, low_r, bias, s, s_ptr, s_from_ptr, dropout,
                                    flags["DOT_PRECISION"], flags["BLOCK_R"])

@@ -88,7 +88,7 @@ def b_rows_are_n(b):
     return False if _tma_view(b) else None
 
 
-def eligible(a, b, out, low_l) -> bool:
+def eligible(a, b, out) -> bool:
     """16-bit a, b and out of one dtype, descriptor-friendly strides and alignment, enough rows, a Hopper GPU
     (or the interpreter)."""
     if a.dtype not in (torch.float16, torch.bfloat16) or b.dtype != a.dtype or out.dtype != a.dtype:
