@@ -17,7 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
 from .dropout import keep_mask, load_seed
-from .fused_linear import _lowrank_dot, output_tile
+from .tiles import lowrank_dot, output_tile
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _tma_lowrank_kernel(
         pid_m, pid_n, offs_m, offs_n, rm, rn = output_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if LOWRANK_DROPOUT:  # the mask must meet the low-rank term alone: it goes first
-            acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
+            acc = lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
                                tl.full((BLOCK_M,), 1.0, tl.float32) * s, DT, BLOCK_R, DOT_PRECISION)
             keep = keep_mask(load_seed(seed_ptr), offs_m, offs_n, threshold)
             acc = tl.where(keep, acc * keep_scale, 0.0)
@@ -53,7 +53,7 @@ def _tma_lowrank_kernel(
                 b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if not LOWRANK_DROPOUT:  # last K step: its loads stay out of the pipelined loop's registers
-            acc = _lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
+            acc = lowrank_dot(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
                                tl.full((BLOCK_M,), 1.0, tl.float32) * s, DT, BLOCK_R, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
