@@ -96,3 +96,12 @@ def check_eager_path_matches_ops(monkeypatch, module, call, leaves, node_name):
     assert torch.equal(y_fast, y_op)
     for gf, go in zip(g_fast, g_op):
         assert torch.equal(gf, go)
+
+
+def count_calls(monkeypatch, module, name):
+    """A list that grows by one entry each time module.name is called (the call itself still runs): proof that
+    a forced path really ran."""
+    calls = []
+    orig = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    return calls

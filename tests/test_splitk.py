@@ -6,17 +6,10 @@ import torch
 import lora_kernels as lk
 from lora_kernels.nf4 import dequantize_nf4, quantize_nf4
 from lora_kernels.triton import splitk
-from helpers import make_inputs, oracle_check
+from helpers import count_calls, make_inputs, oracle_check
 
 pytestmark = pytest.mark.skipif(not lk.triton_available(), reason="needs triton")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _count_splitk(monkeypatch):
-    calls = []
-    orig = splitk.forward
-    monkeypatch.setattr(splitk, "forward", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
-    return calls
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -31,7 +24,7 @@ def test_splitk_forward_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, d
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter runs float32 / float16")
     monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
-    calls = _count_splitk(monkeypatch)
+    calls = count_calls(monkeypatch, splitk, "forward")
     inputs = make_inputs(M, K, N, r, dtype, device=device, bias=bias,
                          adapter_dtype=torch.float32 if adapter_fp32 else None)
     oracle_check(*inputs, dropout_p=0.0, backend="triton", seed=M + K)
@@ -41,7 +34,7 @@ def test_splitk_forward_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, d
 @pytest.mark.parametrize("device", DEVICES)
 def test_splitk_with_tensor_scaling_and_strided_rows(monkeypatch, device):
     monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
-    calls = _count_splitk(monkeypatch)
+    calls = count_calls(monkeypatch, splitk, "forward")
     torch.manual_seed(0)
     x = torch.randn(5, 2, 96, device=device)[:, 0]     # rows 192 elements apart
     w, a, b = torch.randn(40, 96, device=device), torch.randn(8, 96, device=device), torch.randn(40, 8, device=device)

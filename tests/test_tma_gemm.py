@@ -5,17 +5,10 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels.triton import tma_gemm
-from helpers import make_inputs, oracle_check
+from helpers import count_calls, make_inputs, oracle_check
 
 pytestmark = pytest.mark.skipif(not lk.triton_available(), reason="needs triton")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _count_tma(monkeypatch):
-    calls = []
-    orig = tma_gemm.launch
-    monkeypatch.setattr(tma_gemm, "launch", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
-    return calls
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -33,7 +26,7 @@ def test_tma_gemm_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, dtype, 
                                                   torch.empty(M, N, device=device, dtype=dtype)):
         pytest.skip("TMA-fed GEMM is for Hopper")
     monkeypatch.setenv("LORA_KERNELS_GEMM", "tma")
-    calls = _count_tma(monkeypatch)
+    calls = count_calls(monkeypatch, tma_gemm, "launch")
     inputs = make_inputs(M, K, N, r, dtype, device=device, bias=bias,
                          adapter_dtype=torch.float32 if adapter_fp32 else None)
     oracle_check(*inputs, dropout_p=p, backend="triton", seed=M + K)
