@@ -5,7 +5,6 @@ saying which and why, and it warns once when only the unfused reference is avail
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -28,20 +27,28 @@ def _once(key, msg, warn=False):
         log.info(msg)
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORTABLE = {}
+
+
+def _importable(module: str) -> bool:
+    if module not in _IMPORTABLE:
+        try:
+            importlib.import_module(module)
+            _IMPORTABLE[module] = True
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _IMPORTABLE[module] = False
+    return _IMPORTABLE[module]
+
+
+# Both probes are constants to torch.compile: tracing them would meet importlib (a graph break per call).
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    try:
-        importlib.import_module("lora_kernels.triton")
-        return True
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
+    return _importable("lora_kernels.triton")
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def cuda_ext_available() -> bool:
-    try:
-        importlib.import_module("lora_kernels._C")
-    except Exception:  # noqa: BLE001
+    if not _importable("lora_kernels._C"):
         return False
     cuda_backend()  # registers the C++ ops' fake and autograd rules before anything traces them
     return True

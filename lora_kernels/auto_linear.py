@@ -65,4 +65,5 @@ def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, drop
 def applies(backend: str, name: str, x, scaling_t) -> bool:
     """Whether the measured choice replaces the static one: `auto` picked the CUDA extension for CUDA tensors
     with a float scaling, and Triton is available too."""
-    return backend == "auto" and name == "cuda" and scaling_t is None and x.is_cuda and _backends.triton_available()
+    return (backend == "auto" and name == "cuda" and scaling_t is None and x.is_cuda
+            and not torch.compiler.is_compiling() and _backends.triton_available())

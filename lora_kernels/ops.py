@@ -215,7 +215,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
     name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
-    if auto_linear.applies(backend, name, x, s_t) and _eager(x, weight, lora_A, lora_B, bias):
+    # _eager first: under torch.compile nothing of the timing path may be traced (it would break the graph)
+    if _eager(x, weight, lora_A, lora_B, bias) and auto_linear.applies(backend, name, x, s_t):
         name = auto_linear.linear_backend(lora_linear, x, weight, lora_A, lora_B, bias, s, float(dropout_p))
     if name == "cuda" and s_t is None:
         if _eager(x, weight, lora_A, lora_B, bias):

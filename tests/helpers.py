@@ -4,12 +4,19 @@ taken per element or relative to the exact result's norm, whichever is larger: 1
 (The relative part matters only in float32, where a gradient that hinges on a few scalars, e.g. dA with
 M = r = 1, is otherwise decided by the coin flip of one rounding; in bf16/fp16 it is far below 2× the
 composite's error.)"""
+import os
+
 import torch
 
 import lora_kernels as lk
 from lora_kernels import reference
 
 SEED_HIGH = 2**31 - 1
+# Where the Triton kernels can run in this process: CPU tensors only under the interpreter (chosen before
+# triton is imported, so not on a GPU machine), CUDA tensors where a GPU is present.
+TRITON_DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + \
+    (["cuda"] if torch.cuda.is_available() else [])
+TRITON_DEVICE = TRITON_DEVICES[-1] if TRITON_DEVICES else "cpu"
 
 
 def make_inputs(M, K, N, r, dtype, *, device="cpu", adapter_dtype=None, bias=True, x_3d=False,

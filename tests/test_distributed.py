@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -88,7 +87,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_patched_model_distributed_matches_single_process(mode, device, tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), mode, device, out), nprocs=2, join=True)
+    from lora_kernels.bench.distributed import spawn
+    spawn(_worker, (2, _free_port(), mode, device, out), 2, cpu=device == "cpu")
     got = torch.load(out, weights_only=True)
     model = _model(device)
     ids = _batch().to(device)

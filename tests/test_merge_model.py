@@ -5,14 +5,15 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.merging import group_layers, _collect
+from helpers import TRITON_DEVICE
 
 BACKENDS = ["torch"] + (["triton"] if lk.triton_available() else [])
 
 
-def _layers(dtype, seed=0):
+def _layers(dtype, seed=0, device="cpu"):
     """Five layers of one shape, two of another, one with a different rank, one sharing another's weight."""
     torch.manual_seed(seed)
-    mk = lambda k, n, r: lk.FusedLoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=dtype)  # noqa: E731
+    mk = lambda k, n, r: lk.FusedLoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=dtype, device=device)  # noqa: E731
     layers = nn.ModuleList([mk(48, 40, 4) for _ in range(5)] + [mk(40, 24, 4) for _ in range(2)] + [mk(48, 40, 8)])
     tied = mk(48, 40, 4)
     tied.weight = layers[0].weight
@@ -33,7 +34,7 @@ def _one_by_one(layers, fn, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grouped_merge_is_bit_equal_to_single_layer_merges(backend, dtype):
-    layers = _layers(dtype)
+    layers = _layers(dtype, device=TRITON_DEVICE if backend == "triton" else "cpu")
     original = [m.weight.detach().clone() for m in layers]
     expect = _one_by_one(layers, lk.merge_, backend)
     lk.merge_model(layers, backend=backend)

@@ -6,7 +6,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import ops
-from helpers import check_eager_path_matches_ops, make_inputs, oracle_check
+from helpers import TRITON_DEVICE, check_eager_path_matches_ops, make_inputs, oracle_check
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -122,7 +122,8 @@ def test_compile_fullgraph_equals_eager(compile_backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_eager_fast_path_equals_registered_ops(monkeypatch, backend):
     # Eager calls skip the custom-op layer (host time); results and gradients must be bit-identical to the ops'.
-    x, w, a, b, bias = make_inputs(13, 40, 24, 4, torch.float32, bias=True)
+    x, w, a, b, bias = make_inputs(13, 40, 24, 4, torch.float32, bias=True,
+                                   device=TRITON_DEVICE if backend == "triton" else "cpu")
 
     check_eager_path_matches_ops(
         monkeypatch, ops,

@@ -52,7 +52,7 @@ def _gpu_backends():
     return ["triton"] + (["cuda"] if lk.cuda_ext_available() else [])
 
 
-GPU_EXAMPLES, GPU_PARTS = 200, 4
+GPU_EXAMPLES, GPU_PARTS = 200, 10
 
 
 def _gpu_property(backend, part):

@@ -6,10 +6,10 @@ import torch
 import lora_kernels as lk
 from lora_kernels.nf4 import dequantize_nf4, quantize_nf4
 from lora_kernels.triton import splitk
-from helpers import count_calls, make_inputs, oracle_check
+from helpers import TRITON_DEVICES, count_calls, make_inputs, oracle_check
 
 pytestmark = pytest.mark.skipif(not lk.triton_available(), reason="needs triton")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = TRITON_DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

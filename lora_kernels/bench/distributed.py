@@ -193,6 +193,21 @@ def markdown(rows, meta) -> str:
     return "\n".join(out) + "\n"
 
 
+def spawn(fn, args, nprocs: int, cpu: bool):
+    """mp.spawn; gloo ranks on the CPU of a GPU machine start with the GPUs hidden (CUDA_VISIBLE_DEVICES=""):
+    FSDP2's device mesh otherwise picks a GPU per rank by itself, and such runs died with SIGSEGV there."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the children at start; this process's CUDA is set up
+    try:
+        mp.spawn(fn, args=args, nprocs=nprocs, join=True)
+    finally:
+        if cpu and saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        elif cpu:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def _worker(rank, world, port, args, meta, base):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = "cuda" if meta["backend"] == "nccl" else "cpu"
@@ -238,7 +253,7 @@ def main(argv=None) -> int:
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(args.nproc, port, args, meta, base), nprocs=args.nproc, join=True)
+    spawn(_worker, (args.nproc, port, args, meta, base), args.nproc, cpu=meta["backend"] == "gloo")
     with open(base + ".jsonl") as f:
         rows = [json.loads(line) for line in f]
     print(markdown(rows, meta))

@@ -39,7 +39,9 @@ def build(patched: bool, compiled: bool, config=None, seed=0, device="cuda", dty
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**(config or TINYLLAMA))
     model = transformers.LlamaForCausalLM(cfg).to(dtype=dtype)
-    model = _quantize_targets_4bit(model, device, dtype) if four_bit else model.to(device)
+    if four_bit:  # the targets are quantised and moved one by one; the rest of the model follows
+        model = _quantize_targets_4bit(model, device, dtype)
+    model = model.to(device)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                        target_modules=TARGETS))
     if patched:
