@@ -113,6 +113,13 @@ def main():
         for be, p in (("triton", 0.0), ("triton", 0.05), ("cuda", 0.0)):
             _profile(f"{be} train M={M} p={p}",
                      lambda: lk.lora_linear(x, w, a, b, 2.0, dropout_p=p, backend=be).backward(dy))
+    for n_rows in (4096, 14336):  # merge + unmerge of one layer (issue target: ~1.1x a copy of W)
+        wm = (torch.randn(n_rows, K, device=dev) / K**0.5).to(dt)
+        am, bm = torch.randn(r, K, device=dev, dtype=dt), torch.randn(n_rows, r, device=dev, dtype=dt)
+        _profile(f"copy W {n_rows}x{K}", lambda: wm.clone())
+        for be in ("triton", "cuda"):
+            _profile(f"{be} merge+unmerge {n_rows}x{K}",
+                     lambda: lk.unmerge_(lk.merge_(wm, am, bm, 0.5, backend=be), am, bm, 0.5, backend=be))
     layer = nf4.FusedLoRALinear4bit.from_linear(nn.Linear(K, N, bias=False, device=dev, dtype=dt), r=r,
                                                 lora_alpha=2 * r, backend="triton")
     for M in (1, 8192):
