@@ -34,6 +34,8 @@ def code_table(device) -> Tensor:
     """NF4_CODE on `device`, copied there once: a per-call copy from host memory synchronised the stream on
     every forward and backward (and cannot be captured in a CUDA graph)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one copy
+        device = torch.device("cuda", torch.cuda.current_device())
     table = _CODE_ON_DEVICE.get(device)
     if table is None:
         table = _CODE_ON_DEVICE[device] = NF4_CODE.to(device)

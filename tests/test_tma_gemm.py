@@ -44,3 +44,16 @@ def test_shapes_it_takes_and_leaves():
     assert not ok(x[:100], w.t(), y[:100])                                # too few rows
     assert not ok(x.float(), w.t().float(), y.float())                    # 16-bit operands only
     assert not ok(torch.empty(256, 100, dtype=h), torch.empty(48, 100, dtype=h).t(), y)
+
+
+def test_tma_tiles_fit_with_float32_adapters():
+    """peft's float32 adapters under bf16 activations at rank tile 64: Triton stages the adapter tiles at their
+    own width too, so the first 128x256 tile (245,760 bytes on an H200) must not be launched as it is."""
+    from lora_kernels.triton import configs
+    limit = configs._smem_limit() / configs.SMEM_MARGIN
+    fitted = configs.fit_stages(tma_gemm.CONFIGS, 2, 64, False, False, 4)
+    assert fitted, "some tile fits"
+    for c in fitted:
+        assert configs.gemm_smem_bytes(c.kwargs, c.num_stages, 2, 64, False, False, 4) <= limit
+    wide = configs.gemm_smem_bytes(tma_gemm.CONFIGS[0].kwargs, tma_gemm.CONFIGS[0].num_stages, 2, 64, False, False, 4)
+    assert wide >= 245760 > limit

@@ -103,6 +103,20 @@ def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool,
 SMEM_MARGIN = 1.1
 
 
+def fit_stages(cfgs, elem: int, block_r: int, fold: bool, nf4: bool, lowrank_elem: int) -> list:
+    """The tiles that fit in shared memory, each with num_stages lowered (down to 2) until it does; a launch
+    past the limit fails outright."""
+    limit = int(_smem_limit() / SMEM_MARGIN)
+    fitted = []
+    for c in cfgs:
+        stages = c.num_stages
+        while stages > 2 and gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank_elem) > limit:
+            stages -= 1
+        if gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank_elem) <= limit:
+            fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    return fitted
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Keep the tiles meant for this M, and lower num_stages (down to 2) until a tile fits in shared
     memory: float32 operands need twice the bf16 bytes, and a launch past the limit fails outright."""
@@ -119,14 +133,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     lowrank = max((t.element_size() for t in adapters if hasattr(t, "element_size")), default=0)
     # The estimate has matched Triton's figure for plain tiles; the margin covers layout scratch that
     # it does not model (seen: 24 KB more than estimated for a FOLD_XA tile).
-    limit = int(_smem_limit() / SMEM_MARGIN)
-    fitted = []
-    for c in kept:
-        stages = c.num_stages
-        while stages > 2 and gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank) > limit:
-            stages -= 1
-        if gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank) <= limit:
-            fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    fitted = fit_stages(kept, elem, block_r, fold, nf4, lowrank)
     if fitted and os.environ.get("LORA_KERNELS_QUICK_TUNE") == "1":
         return fitted[:1]  # correctness runs: one tile per shape, so one compile instead of one per candidate
     if fitted:

@@ -105,11 +105,6 @@ def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-def _fits(cfg, elem, block_r) -> bool:
-    need = configs.gemm_smem_bytes(cfg.kwargs, cfg.num_stages, elem, block_r, False, False)
-    return need <= configs._smem_limit() / configs.SMEM_MARGIN
-
-
 _best: dict = {}
 
 
@@ -140,7 +135,11 @@ def launch(a, b, out, low_l, low_r, bias, s, s_ptr, s_from_ptr, dropout, precisi
     key = (a.device.index, configs.m_bucket(M), N, K, low_l.shape[1], a.dtype, low_r.dtype, *flags.values())
     cfg = _best.get(key)
     if cfg is None:
-        fitting = [c for c in CONFIGS if _fits(c, a.element_size(), block_r)] or CONFIGS[-1:]
+        # float32 adapters (peft's default) are staged at their own width as well (configs.gemm_smem_bytes)
+        lowrank_elem = max(low_l.element_size(), low_r.element_size())
+        fitting = configs.fit_stages(CONFIGS, a.element_size(), block_r, False, False, lowrank_elem)
+        if not fitting:
+            raise RuntimeError(f"no TMA tile fits in shared memory for {key}")  # the pointer feed serves it
         if len(fitting) == 1 or os.environ.get("LORA_KERNELS_QUICK_TUNE") == "1":
             cfg = fitting[0]
         else:
