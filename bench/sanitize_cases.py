@@ -2,7 +2,8 @@
     compute-sanitizer --tool memcheck python bench/sanitize_cases.py [triton|cuda ...]   (likewise racecheck,
     synccheck, initcheck); naming backends runs only theirs, so each can be its own (parallel) sanitized process.
 Covers: fused linear forward / backward with and without dropout (Triton; CUDA: decode kernel, dropout and
-adapter-cast kernel, low-rank dx kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels."""
+adapter-cast kernel, low-rank dx kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels,
+the split-K and TMA-fed GEMMs (forced)."""
 import os
 import sys
 
@@ -45,7 +46,17 @@ for backend in backends:
             lk.lora_linear(x, torch.randn(90, 200, device=dev, dtype=torch.bfloat16), torch.randn(8, 200, device=dev),
                            torch.randn(90, 8, device=dev), 0.5, torch.randn(90, device=dev, dtype=torch.bfloat16),
                            backend="triton")
-        from lora_kernels.nf4 import quantize_nf4
+        # the TMA-fed persistent GEMM (Hopper, >= 128 rows, 16-bit), forced, forward and dx, with and without
+        # dropout and with float32 adapters (their own shared-memory term)
+        os.environ["LORA_KERNELS_GEMM"] = "tma"
+        for p, adapter_dtype in ((0.0, torch.float32), (0.1, torch.bfloat16)):
+            x = torch.randn(300, 200, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            a = (torch.randn(33, 200, device=dev) / 14).to(adapter_dtype).requires_grad_()
+            b = torch.randn(136, 33, device=dev).to(adapter_dtype).requires_grad_()
+            lk.lora_linear(x, torch.randn(136, 200, device=dev, dtype=torch.bfloat16), a, b, 0.5, dropout_p=p,
+                           backend="triton").float().sum().backward()
+        del os.environ["LORA_KERNELS_GEMM"]
+        from lora_kernels.nf4 import quantize_nf4  # double-quantised absmax: its decode kernel too
         for M in (1, 37):
             q = quantize_nf4(torch.randn(96, 192, device=dev, dtype=torch.bfloat16))
             x = torch.randn(M, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
