@@ -4,7 +4,10 @@ nothing: what a LoRA layer costs the host per training step, next to a plain x@W
 "cuda path" rows run the C++ ops' CPU kernels through exactly the calls the cuda backend makes on a GPU
 (the backend choice is forced, since CPU tensors would otherwise get the reference).
 
-python3 bench/host_overhead.py  -> microseconds per forward and per forward+backward, median of 5 runs."""
+python3 bench/host_overhead.py  -> microseconds per forward and per forward+backward, median of 5 runs.
+python3 bench/host_overhead.py --triton-stub  -> the Triton backend's own Python per call at several row
+    counts, with every Triton launch replaced by a no-op and the GPU queries answered as on an H200 (CPU only;
+    tensor work on the small CPU tensors is still counted, so large M overstates it a little)."""
 import statistics
 import time
 
@@ -83,5 +86,38 @@ def main():
         print(f"{name:48s} {us:8.1f} us")
 
 
+def triton_stub(K=256, N=256, r=16):
+    """Host µs of the Triton path with the kernels stubbed (pointer feed: CPU tensors are not TMA-eligible)."""
+    from triton.runtime import autotuner, jit
+
+    from lora_kernels.triton import configs
+
+    def tuned(self, *args, **kwargs):
+        self.best_config = self.configs[0]
+    configs.interpreting = lambda: False
+    jit.JITFunction.run = lambda self, *args, **kwargs: None
+    autotuner.Autotuner.run = tuned
+    configs._smem_limit = lambda: 232448
+    configs.sm_count = lambda t: 132
+    torch.cuda.is_current_stream_capturing = lambda: False
+    torch.cuda.get_sync_debug_mode = lambda: 0
+    torch.cuda.synchronize = lambda *args: None
+    _backends._require = lambda *args, **kwargs: None
+    w = torch.randn(N, K, dtype=torch.bfloat16)
+    a = torch.randn(r, K, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(N, r, dtype=torch.bfloat16, requires_grad=True)
+    print(f"torch {torch.__version__}, Triton launches stubbed, bf16 CPU tensors M x {K} -> {N}, r={r}")
+    for M in (1, 16, 64, 128, 2048):
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        xg, dy = x.clone().requires_grad_(), torch.randn(M, N, dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                lk.lora_linear(x, w, a, b, 2.0, backend="triton")
+        step = lambda: lk.lora_linear(xg, w, a, b, 2.0, backend="triton").backward(dy)  # noqa: E731
+        print(f"M={M:5d}: forward {_us(fwd):7.1f} us, forward+backward {_us(step, 100):7.1f} us")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    triton_stub() if "--triton-stub" in sys.argv else main()
