@@ -57,6 +57,10 @@ def main():
     rows = [("x@Wt fwd+bwd (torch, for scale)", _us(lambda: (x @ w.t()).backward(dy))),
             ("lora_linear fwd, eager path", _us(fwd)), ("lora_linear fwd+bwd, eager path", _us(step())),
             ("lora_linear fwd+bwd, eager path, dropout 0.05", _us(step(p=0.05)))]
+    wm = w.clone()
+    rows += [("merge_ (torch), eager path", _us(lambda: lk.merge_(wm, a.detach(), b.detach(), 0.5, backend="torch"))),
+             ("merge_ (torch), through the custom op", _us(lambda: ops.merge_op(wm, a.detach(), b.detach(), 0.5,
+                                                                                False, "torch")))]
     eager = ops._eager
     ops._eager = lambda *t: False
     try:

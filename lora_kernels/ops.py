@@ -157,12 +157,27 @@ def _(like, salt=None):
 # Merge / unmerge (in place)
 
 
-@torch.library.custom_op("lora_kernels::merge_", mutates_args=("weight",))
-def merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmerge: bool, backend: str) -> None:
+def _merge_impl(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmerge: bool, backend: str):
     if backend == "torch":
         reference.merge_(weight, lora_A, lora_B, scaling, unmerge=unmerge)
     else:
         _backends.module(backend).merge_(weight, lora_A, lora_B, scaling, unmerge)
+
+
+@torch.library.custom_op("lora_kernels::merge_", mutates_args=("weight",))
+def merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmerge: bool, backend: str) -> None:
+    _merge_impl(weight, lora_A, lora_B, scaling, unmerge, backend)
+
+
+def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmerge: bool, backend: str):
+    """merge_op; eager calls skip the custom-op layer (~10 µs of host per call, as much as a 4096² merge's
+    kernel on a slow host) and bump weight's version themselves, as the op's mutation does, so a backward
+    that saved W before the merge still refuses to run with the merged one."""
+    if _eager(weight, lora_A, lora_B):
+        _merge_impl(weight, lora_A, lora_B, scaling, unmerge, backend)
+        torch.autograd.graph.increment_version(weight)
+    else:
+        merge_op(weight, lora_A, lora_B, scaling, unmerge, backend)
 
 
 @merge_op.register_fake
@@ -240,12 +255,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *, backend: str = "auto") -> Tensor:
     """W ← round(W + scaling·B·A), the product accumulated in float32 and rounded once. Returns weight."""
     check_merge_args(weight, lora_A, lora_B, scaling)
-    merge_op(weight, lora_A, lora_B, float(scaling), False, _backends.resolve_merge(backend, weight))
+    _merge(weight, lora_A, lora_B, float(scaling), False, _backends.resolve_merge(backend, weight))
     return weight
 
 
 def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *, backend: str = "auto") -> Tensor:
     """Undo merge_: picks the W' whose re-merge is bit-equal to the merged weight, so drift never grows."""
     check_merge_args(weight, lora_A, lora_B, scaling)
-    merge_op(weight, lora_A, lora_B, float(scaling), True, _backends.resolve_merge(backend, weight))
+    _merge(weight, lora_A, lora_B, float(scaling), True, _backends.resolve_merge(backend, weight))
     return weight

@@ -6,6 +6,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference
+from helpers import TRITON_DEVICES
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERP else [])
@@ -76,3 +77,22 @@ def test_failed_validation_leaves_weight_untouched():
         with pytest.raises((ValueError, TypeError)):
             call()
         assert torch.equal(w.view(torch.uint8), before.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [f"triton-{d}" for d in TRITON_DEVICES]
+                         + (["cuda"] if lk.cuda_ext_available() and torch.cuda.is_available() else []))
+def test_merge_after_forward_refuses_the_stale_backward(backend):
+    """Eager merges skip the custom-op layer; W's version must still move, so a backward that saved W before
+    the merge raises instead of using the merged weight."""
+    backend, _, device = backend.partition("-")
+    device = device or ("cuda" if backend == "cuda" else "cpu")
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    w = torch.randn(8, 16, device=device)
+    a = torch.randn(4, 16, device=device, requires_grad=True)
+    b = torch.randn(8, 4, device=device, requires_grad=True)
+    y = lk.lora_linear(x, w, a, b, 0.5, backend="torch" if backend == "torch" else backend)
+    before = w._version
+    lk.merge_(w, a.detach(), b.detach(), 0.5, backend=backend)
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
