@@ -53,9 +53,10 @@ def _base_kind(base) -> Optional[str]:
     return None
 
 
-def _why_not_fusable(m) -> Optional[str]:
-    """None when the fused path serves this peft layer's current configuration, else the reason."""
-    active = list(m.active_adapters)
+def _why_not_fusable(m, base=None, kind=None) -> Optional[str]:
+    """None when the fused path serves this peft layer's current configuration, else the reason. base / kind:
+    m's base layer and its _base_kind, where the caller has them already (the forward runs this per call)."""
+    active = m.active_adapters
     if len(active) != 1:
         return f"{len(active)} active adapters"
     name = active[0]
@@ -67,8 +68,10 @@ def _why_not_fusable(m) -> Optional[str]:
         return "lora_bias"
     if getattr(m, "fan_in_fan_out", False):
         return "fan_in_fan_out"
-    base = m.get_base_layer()
-    if _base_kind(base) is None:
+    if base is None:
+        base = m.get_base_layer()
+        kind = _base_kind(base)
+    if kind is None:
         return f"base layer is {type(base).__name__}, not nn.Linear or an NF4 Linear4bit"
     if base.weight.requires_grad:
         return "base weight is trainable"
@@ -78,21 +81,23 @@ def _why_not_fusable(m) -> Optional[str]:
 
 
 def _fused_peft_forward(self, x, *args, **kwargs):
-    cls_forward = type(self).forward
-    if (args or kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged
-            or _why_not_fusable(self) is not None):
-        return cls_forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
+    # Runs once per layer per step: the base layer and its kind are looked up once and shared with the check.
+    if args or kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
+    kind = _base_kind(base)
+    if _why_not_fusable(self, base, kind) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
     drop = self.lora_dropout[name]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    p = drop.p if drop.training and isinstance(drop, nn.Dropout) else 0.0
     weight, bias = base.weight, base.bias
-    if _base_kind(base) == "nf4":
+    lora_A, lora_B, backend = self.lora_A[name].weight, self.lora_B[name].weight, getattr(self, _MARK)
+    if kind == "nf4":
         # bitsandbytes' storage used as it is: codes and quant state are read, never copied or dequantised.
         dt = getattr(base, "compute_dtype", None) or x.dtype
-        y = lora4_linear(x.to(dt), nf4.from_bnb(weight), self.lora_A[name].weight, self.lora_B[name].weight,
-                         self.scaling[name], bias.to(dt) if bias is not None else None, dropout_p=p,
-                         backend=getattr(self, _MARK))
+        y = lora4_linear(x.to(dt), nf4.from_bnb(weight), lora_A, lora_B, self.scaling[name],
+                         bias.to(dt) if bias is not None else None, dropout_p=p, backend=backend)
         return y.to(x.dtype)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -101,14 +106,12 @@ def _fused_peft_forward(self, x, *args, **kwargs):
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev, enabled=False):
-            return ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight,
-                                   self.scaling[name], bias, dropout_p=p, backend=getattr(self, _MARK))
+            return ops.lora_linear(x, weight, lora_A, lora_B, self.scaling[name], bias, dropout_p=p, backend=backend)
     out_dtype = x.dtype
-    if x.dtype != weight.dtype:
+    if out_dtype != weight.dtype:
         x = x.to(weight.dtype)
-    y = ops.lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], bias,
-                        dropout_p=p, backend=getattr(self, _MARK))
-    return y.to(out_dtype)
+    y = ops.lora_linear(x, weight, lora_A, lora_B, self.scaling[name], bias, dropout_p=p, backend=backend)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def _plain_lora(m, names) -> bool:
