@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof,dist bash bench/gpu_run.sh [bench args...]
+# On two GPUs, GPU1_STEPS=test (say) runs those steps on GPU 1 at the same time as STEPS on GPU 0.
 # Logs and results go to $OUT (default .gpu_out; per-process logs packed in one .tgz per step); commit the bench results and summaries to bench/results/.
 # The extension build and the CMake build run side by side (CPU); each later step has its own time limit.
 set -uo pipefail
 OUT=${OUT:-.gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STEPS=${STEPS:-build,test,bench}
+if [[ -n ${GPU1_STEPS:-} ]]; then
+  # Two-GPU machines: GPU1_STEPS run on GPU 1 side by side with STEPS on GPU 0 (e.g. the tests next to the
+  # benches); GPU 1's logs come back packed in gpu1.tgz, its summary at the end of this one's.
+  ( export CUDA_VISIBLE_DEVICES=1; STEPS=$GPU1_STEPS GPU1_STEPS= OUT=$OUT/gpu1 bash "$0" "$@" > "$OUT/gpu1.log" 2>&1 ) &
+  gpu1_pid=$!
+  export CUDA_VISIBLE_DEVICES=0
+fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/env.log"
 if [[ $STEPS == *cmake* ]]; then
@@ -80,4 +88,8 @@ if [[ $STEPS == *dist* ]]; then
   # against one process over the whole batch
   timeout ${DIST_TIMEOUT:-400} python3 -m lora_kernels.bench.distributed --nproc ${DIST_NPROC:-2} --out "$OUT" 2>&1 \
     | tee "$OUT/dist.log" | grep -v -i warn | tail -20
+fi
+if [[ -n ${gpu1_pid:-} ]]; then
+  wait $gpu1_pid; echo "== GPU 1 ($GPU1_STEPS):"; tail -40 "$OUT/gpu1.log"
+  tar czf "$OUT/gpu1.tgz" -C "$OUT" gpu1 gpu1.log && rm -rf "$OUT/gpu1" "$OUT/gpu1.log"
 fi
