@@ -7,6 +7,10 @@ import re
 from collections import OrderedDict
 
 
+# Providers whose activation memory (kept by forward for backward) the per-op table shows: the dropout target
+# holds for what `auto` runs, so our backends all appear.
+ACT_PROVIDERS = ("base", "peft", "addmm", "triton", "cuda", "auto")
+
 def stem(meta) -> str:
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"]).strip("-").lower()
     return f"{gpu}-{meta['time'][:10].replace('-', '')}-{meta['sha']}"
@@ -34,7 +38,7 @@ def markdown(rows, meta) -> str:
            "median of do_bench. `floor` is max(FLOPs/peak, bytes/bandwidth) over the base time; "
            "`ours/floor` is the best of our backends over the floor. act = activation MiB kept by forward.", "",
            "| mode | M×K×N | r | p | base ms | " + " | ".join(present) + " | floor | ours/floor | act MiB (" +
-           ", ".join(p for p in present if p in ("base", "peft", "triton")) + ") |",
+           ", ".join(p for p in present if p in ACT_PROVIDERS) + ") |",
            "|" + "---|" * (len(present) + 8)]
     for (mode, M, K, N, rank, p), by in groups.items():
         base = by.get("base") or by.get("copy")
@@ -43,8 +47,9 @@ def markdown(rows, meta) -> str:
         cells = [f"{by[q]['ratio']:.3f}" if q in by and by[q]["ratio"] is not None else "–" for q in present]
         ours = [by[q]["p50_ms"] for q in ("triton", "cuda") if q in by]
         fl = base["floor_ms"]
-        acts = ", ".join(f"{by[q]['act_mib']:.0f}" for q in ("base", "peft", "triton")
-                         if q in by and by[q].get("act_mib") is not None)
+        acts = ", ".join(f"{by[q]['act_mib']:.0f}" if q in by and by[q].get("act_mib") is not None else "–"
+                         for q in present if q in ACT_PROVIDERS) if any(
+                             by[q].get("act_mib") is not None for q in by) else ""
         shape = f"{K}×{N}" if mode == "merge" else f"{M}×{K}×{N}"
         out.append(f"| {mode} | {shape} | {rank} | {p:g} | {base['p50_ms']:.4f} | " + " | ".join(cells) +
                    f" | {fl / base['p50_ms']:.3f} | " + (f"{min(ours) / fl:.2f}" if ours else "–") +
