@@ -193,7 +193,7 @@ def _via_dense(x, scaling_t, K) -> str:
 
 def _pick(tri, key, tiled, dense) -> str:
     """'tiled' or 'dense' (LORA_KERNELS_NF4=tiled|dense forces one)."""
-    return tri.choose(key, {"tiled": tiled, "dense": dense}, "tiled", "LORA_KERNELS_NF4")
+    return tri.choose(key, {"tiled": tiled, "dense": dense}, "tiled", "LORA_KERNELS_NF4", by="gpu")
 
 
 def _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend):

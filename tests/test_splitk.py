@@ -75,7 +75,9 @@ def test_path_rule_forced_measured_and_safe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
     assert splitk.choose_path(("k",), None, None) == "gemm" and measured._chosen == {}  # nothing timed in capture
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(measured, "wall_ms", lambda fn: fn())
+    # decode variants are timed on the GPU alone (host time hidden): measured.gpu_ms
+    monkeypatch.setattr(measured, "gpu_ms", lambda fn: fn())
+    monkeypatch.setattr(measured, "wall_ms", lambda fn: -fn())                      # would pick the slower one
     assert splitk.choose_path(("k",), lambda: 2.0, lambda: 1.0) == "splitk"          # the faster one, kept
     assert splitk.choose_path(("k",), lambda: 1.0, lambda: 2.0) == "splitk"
     assert measured._chosen == {("decode", "k"): "splitk"}

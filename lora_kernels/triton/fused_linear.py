@@ -335,7 +335,7 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
         key = ("gemm feed", a.device, configs.m_bucket(M), N, K, R, a.dtype, low_l.dtype, low_r.dtype,
                b.stride(0) == 1, *flags.values())
         if choose(key, {"pointers": lambda: _launch_gemm(args, flags, a, b_ptr, out, low_l, low_r),
-                        "tma": by_tma}, "pointers", "LORA_KERNELS_GEMM") == "tma":
+                        "tma": by_tma}, "pointers", "LORA_KERNELS_GEMM", by="gpu") == "tma":
             return by_tma()
     return _launch_gemm(args, flags, a, b_ptr, out, low_l, low_r)
 

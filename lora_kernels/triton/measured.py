@@ -1,9 +1,13 @@
 """Choosing between kernels that compute the same result, by measuring them on the shape at hand.
 
 Used where neither path wins everywhere (split-K vs one GEMM for few rows; a 4-bit weight dequantised for
-cuBLAS vs dequantised inside our GEMM). Each shape key is decided once, on its first eager call, by wall
-time per call issued back to back: GPU time where the GPU is the bound, host time where the host is. One
-choice per key, so eager calls and CUDA-graph replays of a process give the same bits.
+cuBLAS vs dequantised inside our GEMM; TMA vs pointer loads for the GEMM's tiles). Each shape key is decided
+once, on its first eager call, so eager calls and CUDA-graph replays of a process give the same bits.
+Two timers: `gpu_ms`, the kernels' own time (host time hidden behind a spin kernel), for choices between
+kernel variants whose host cost is alike: decode is served under CUDA graphs, where only GPU time counts,
+and a slow host would otherwise decide by the number of launches (on an H200 host, the NF4 decode took the
+one-launch path at 36 µs of GPU time over split-K's 22). `wall_ms`, wall time per call issued back to back,
+where host costs differ and count (`auto` between the CUDA extension and Triton in eager training).
 """
 import os
 import time
@@ -26,15 +30,35 @@ def wall_ms(fn, reps=20):
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+# Spin long enough that every timed call is queued before the first one runs (20 calls of up to ~0.3 ms of
+# host each); cycles at ~2 GHz.
+_HOLD_CYCLES = 20_000_000
+
+
+def gpu_ms(fn, reps=20):
+    """GPU time per call: the stream is held by a spin kernel while the calls are queued, so the events
+    around them measure the kernels back to back, not the host's gaps between launches."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(_HOLD_CYCLES)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def decided(key, env: str, names) -> "str | None":
     """The name forced by `env` (when one of names) or already chosen for key; None while undecided."""
     forced = os.environ.get(env)
     return forced if forced in names else _chosen.get(key)
 
 
-def choose(key, options: dict, default: str, env: str) -> str:
-    """The name in `options` (name -> zero-argument callable) that runs `key`'s shape fastest. The variable
-    `env` forces a name. Nothing is timed, and `default` is returned undecided, under the Triton
+def choose(key, options: dict, default: str, env: str, by: str = "wall") -> str:
+    """The name in `options` (name -> zero-argument callable) that runs `key`'s shape fastest, by `wall_ms`
+    (by="wall") or `gpu_ms` (by="gpu"). The variable `env` forces a name. Nothing is timed, and `default` is returned undecided, under the Triton
     interpreter, inside CUDA-graph capture or in sync-debug mode (timing would synchronise). A path that
     raises while timed is left out with a warning; if every path raises, the default's error is raised."""
     forced = os.environ.get(env)
@@ -45,10 +69,11 @@ def choose(key, options: dict, default: str, env: str) -> str:
         if (configs.interpreting() or torch.cuda.is_current_stream_capturing()
                 or torch.cuda.get_sync_debug_mode() != 0):
             return default
+        timer = gpu_ms if by == "gpu" else wall_ms
         times, errors = {}, {}
         for name, fn in options.items():
             try:
-                times[name] = wall_ms(fn)
+                times[name] = timer(fn)
             except Exception as e:  # noqa: BLE001 - a path that cannot run this shape is not chosen
                 errors[name] = e
         if not times:

@@ -144,4 +144,5 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
 
 def choose_path(key, gemm, splitk) -> str:
     """'gemm' or 'splitk' for this shape key (measured.choose; LORA_KERNELS_DECODE=gemm|splitk forces one)."""
-    return measured.choose(("decode",) + tuple(key), {"gemm": gemm, "splitk": splitk}, "gemm", "LORA_KERNELS_DECODE")
+    return measured.choose(("decode",) + tuple(key), {"gemm": gemm, "splitk": splitk}, "gemm", "LORA_KERNELS_DECODE",
+                           by="gpu")
