@@ -94,7 +94,7 @@ def triton_stub(K=256, N=256, r=16):
     """Host µs of the Triton path with the kernels stubbed (pointer feed: CPU tensors are not TMA-eligible)."""
     from triton.runtime import autotuner, jit
 
-    from lora_kernels.triton import configs
+    from lora_kernels.triton import configs, measured
 
     def tuned(self, *args, **kwargs):
         self.best_config = self.configs[0]
@@ -106,6 +106,7 @@ def triton_stub(K=256, N=256, r=16):
     torch.cuda.is_current_stream_capturing = lambda: False
     torch.cuda.get_sync_debug_mode = lambda: 0
     torch.cuda.synchronize = lambda *args: None
+    measured.gpu_ms = lambda fn, reps=20: (fn(), 1.0)[1]  # run once; the first path timed is kept
     _backends._require = lambda *args, **kwargs: None
     w = torch.randn(N, K, dtype=torch.bfloat16)
     a = torch.randn(r, K, dtype=torch.bfloat16, requires_grad=True)
