@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import _backends, ops, reference
 from ._checks import check_lora_args
+from ._transfer import to_device_async
 
 # ----------------------------------------------------------------------------------------------
 # Ops
@@ -262,8 +263,7 @@ class LoRAAdapterBank(nn.Module):
 
     def ids_for(self, names: Sequence[Optional[str]]) -> Tensor:
         """Slot ids for a list of adapter names (None = base only), on the bank's device."""
-        return torch.tensor([-1 if n is None else self._slot(n) for n in names], dtype=torch.int32,
-                            device=self.weight.device)
+        return to_device_async([-1 if n is None else self._slot(n) for n in names], torch.int32, self.weight.device)
 
     def forward(self, x: Tensor, adapter_ids: Union[Tensor, Sequence[Optional[str]], None] = None) -> Tensor:
         if adapter_ids is None:

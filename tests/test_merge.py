@@ -96,3 +96,24 @@ def test_merge_after_forward_refuses_the_stale_backward(backend):
     assert w._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_merge_grid_is_one_wave_of_resident_programs():
+    """The merge grid is sized from how many of the compiled kernel's CTAs an SM holds (a 151-register, 40 KB
+    variant: 3), so that no half-empty second wave trails."""
+    from lora_kernels.triton import merge as mg
+    assert mg.ctas_per_sm(151, 4, 40960) == 3                     # registers bound
+    assert mg.ctas_per_sm(128, 4, 40960) == 4
+    assert mg.ctas_per_sm(64, 8, 100 * 1024) == 2                 # shared memory bound
+    assert mg.ctas_per_sm(32, 4, 0) == 16                         # threads bound
+    variant = ("test variant",)
+    mg._resident[variant] = 3
+    try:
+        like = torch.empty(1)
+        sms = mg.configs.sm_count(like)
+        per_block = mg._k_programs(4, 64, 1, like, variant)
+        assert per_block * 4 <= 3 * sms and (per_block + 1) * 4 > 3 * sms  # fills one wave, no more
+        assert mg._k_programs(4, 8, 1, like, variant) == 2                 # still >= 4 column tiles each
+        assert mg._k_programs(1000, 64, 1, like, variant) == 1             # more row blocks than slots
+    finally:
+        del mg._resident[variant]

@@ -169,3 +169,20 @@ def test_4bit_layers_are_left_as_they_are_and_said(caplog):
         lk.merge_model(model)
     assert "1 layers merged" in caplog.text and "1 left as they are (FusedLoRALinear4bit" in caplog.text
     assert torch.equal(q.qweight.packed, before) and model[1].merged
+
+
+@pytest.mark.gpu
+def test_grouped_merge_never_waits_for_the_gpu():
+    """A grouped launch sends its layer offsets and scales with an asynchronous copy from pinned memory: a
+    plain copy from host memory made the host wait for the stream to drain, four times per group."""
+    layers = _layers(torch.bfloat16).cuda()
+    lk.merge_model(layers, backend="triton")      # first launch: compiles, sizes the grid
+    lk.unmerge_model(layers, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lk.merge_model(layers, backend="triton")
+        lk.unmerge_model(layers, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not any(m.merged for m in layers)

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._transfer import to_device_async
 from . import configs
 
 
@@ -89,11 +90,43 @@ def _blocks(R):
     return block_n, block_k, block_r
 
 
-def _k_programs(n_blocks, k_tiles, layers, like) -> int:
-    """Programs per row block: about four per SM over the whole grid, each walking at least four column tiles
-    where there are enough (its loads then overlap)."""
-    want = configs.cdiv(4 * configs.sm_count(like), n_blocks * layers)
-    return max(1, min(want, k_tiles // 4 or 1))
+# CTAs of the compiled merge kernel that one SM holds at once, per variant, read from its first launch: the
+# grid is sized to one wave of them (a 151-register variant holds 3 per SM, and a grid sized for 4 ran 1.45
+# waves at 4096², its last wave a third full).
+_resident: dict = {}
+
+
+def ctas_per_sm(n_regs: int, warps: int, shared: int, regs: int = 65536, smem: int = 228 * 1024) -> int:
+    """CTAs of one kernel an SM holds at once, by registers (allocated per warp, 256 at a time), shared memory
+    (1 KB reserved per CTA) and threads (2048), at most 32."""
+    per_warp = configs.cdiv(n_regs * 32, 256) * 256
+    return max(1, min(regs // (per_warp * warps), smem // (shared + 1024), 2048 // (32 * warps), 32))
+
+
+def _launched_ctas_per_sm(kernel, like) -> "int | None":
+    """ctas_per_sm of a launched CompiledKernel on like's GPU (None where its figures are not known)."""
+    n_regs, meta = getattr(kernel, "n_regs", None), getattr(kernel, "metadata", None)
+    warps, shared = getattr(meta, "num_warps", None), getattr(meta, "shared", None)
+    if not n_regs or not warps or shared is None or not like.is_cuda:
+        return None
+    props = torch.cuda.get_device_properties(like.device)
+    return ctas_per_sm(n_regs, warps, shared, getattr(props, "regs_per_multiprocessor", 65536),
+                       getattr(props, "shared_memory_per_multiprocessor", 228 * 1024))
+
+
+def _k_programs(n_blocks, k_tiles, layers, like, variant) -> int:
+    """Programs per row block: the whole grid one wave of resident CTAs where it can be (4 per SM until the
+    variant has launched once), each walking at least four column tiles where there are enough (its loads
+    then overlap)."""
+    slots = _resident.get(variant, 4) * configs.sm_count(like)
+    return max(1, min(slots // (n_blocks * layers), k_tiles // 4 or 1))
+
+
+def _note_residency(kernel, like, variant):
+    if variant not in _resident:
+        ctas = _launched_ctas_per_sm(kernel, like)
+        if ctas is not None:
+            _resident[variant] = ctas
 
 
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
@@ -103,18 +136,19 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
     B = lora_B.contiguous()
     block_n, block_k, block_r = _blocks(R)
     n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
-    grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight))
-    _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
-                        B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype], GROUPED=False,
-                        PRECISION=_precision(weight), W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=block_n, BLOCK_K=block_k,
-                        BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
+    variant = (weight.dtype, A.dtype, B.dtype, unmerge, False, block_r)
+    grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight, variant))
+    kernel = _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
+                                 B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype],
+                                 GROUPED=False, PRECISION=_precision(weight), W_VEC=1, A_VEC=1, B_VEC=1,
+                                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
+    _note_residency(kernel, weight, variant)
 
 
 def _offsets_16b(tensors):
     """Each tensor's distance from the first in 16-byte units (all are 16-byte aligned: merge.group_layers)."""
     base = tensors[0].data_ptr()
-    return torch.tensor([(t.data_ptr() - base) // 16 for t in tensors], dtype=torch.int64,
-                        device=tensors[0].device)
+    return to_device_async([(t.data_ptr() - base) // 16 for t in tensors], torch.int64, tensors[0].device)
 
 
 def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
@@ -125,10 +159,13 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     R = a0.shape[0]
     block_n, block_k, block_r = _blocks(R)
     n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
-    grid = (n_blocks, _k_programs(n_blocks, k_tiles, len(weights), w0), len(weights))
-    scales = torch.tensor(scalings, dtype=torch.float32, device=w0.device)
-    _merge_kernel[grid](w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,
-                        N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
-                        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0),
-                        W_VEC=16 // w0.element_size(), A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
-                        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
+    variant = (w0.dtype, a0.dtype, b0.dtype, unmerge, True, block_r)
+    grid = (n_blocks, _k_programs(n_blocks, k_tiles, len(weights), w0, variant), len(weights))
+    scales = to_device_async(scalings, torch.float32, w0.device)
+    kernel = _merge_kernel[grid](
+        w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,
+        N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
+        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0),
+        W_VEC=16 // w0.element_size(), A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
+    _note_residency(kernel, w0, variant)
