@@ -98,9 +98,9 @@ def test_merge_after_forward_refuses_the_stale_backward(backend):
         y.sum().backward()
 
 
-def test_merge_grid_is_one_wave_of_resident_programs():
+def test_merge_grid_fills_whole_waves_of_resident_programs():
     """The merge grid is sized from how many of the compiled kernel's CTAs an SM holds (a 151-register, 40 KB
-    variant: 3), so that no half-empty second wave trails."""
+    variant: 3), so that no half-empty wave trails."""
     from lora_kernels.triton import merge as mg
     assert mg.ctas_per_sm(151, 4, 40960) == 3                     # registers bound
     assert mg.ctas_per_sm(128, 4, 40960) == 4
@@ -108,12 +108,15 @@ def test_merge_grid_is_one_wave_of_resident_programs():
     assert mg.ctas_per_sm(32, 4, 0) == 16                         # threads bound
     variant = ("test variant",)
     mg._resident[variant] = 3
+    like = torch.empty(1)
+    sms = mg.configs.sm_count(like)
     try:
-        like = torch.empty(1)
-        sms = mg.configs.sm_count(like)
-        per_block = mg._k_programs(4, 64, 1, like, variant)
-        assert per_block * 4 <= 3 * sms and (per_block + 1) * 4 > 3 * sms  # fills one wave, no more
-        assert mg._k_programs(4, 8, 1, like, variant) == 2                 # still >= 4 column tiles each
-        assert mg._k_programs(1000, 64, 1, like, variant) == 1             # more row blocks than slots
+        for rows, k_tiles in ((4, 64), (7, 64), (3 * sms - 1, 64), (1000, 64), (5, 8)):
+            k = mg._k_programs(rows, k_tiles, 1, like, variant)
+            assert 1 <= k <= max(1, k_tiles // 4)                  # >= 4 column tiles per program
+            fills = [(j * rows / (3 * sms)) / -(-j * rows // (3 * sms)) for j in range(1, max(1, k_tiles // 4) + 1)]
+            good = [j + 1 for j, f in enumerate(fills) if f >= 0.9]
+            assert k == (good[0] if good else fills.index(max(fills)) + 1)  # the fewest programs that fill waves
+        assert mg._k_programs(4, 64, 1, like, variant) * 4 == 3 * sms  # here: exactly one full wave
     finally:
         del mg._resident[variant]

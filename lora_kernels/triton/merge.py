@@ -91,8 +91,8 @@ def _blocks(R):
 
 
 # CTAs of the compiled merge kernel that one SM holds at once, per variant, read from its first launch: the
-# grid is sized to one wave of them (a 151-register variant holds 3 per SM, and a grid sized for 4 ran 1.45
-# waves at 4096², its last wave a third full).
+# grid is sized to fill whole waves of them (a 151-register variant holds 3 per SM; a grid sized for 4 ran
+# 1.45 waves at 4096², its last wave a third full).
 _resident: dict = {}
 
 
@@ -115,11 +115,17 @@ def _launched_ctas_per_sm(kernel, like) -> "int | None":
 
 
 def _k_programs(n_blocks, k_tiles, layers, like, variant) -> int:
-    """Programs per row block: the whole grid one wave of resident CTAs where it can be (4 per SM until the
-    variant has launched once), each walking at least four column tiles where there are enough (its loads
-    then overlap)."""
+    """Programs per row block, k: the smallest k whose grid (k · row blocks · layers programs of equal work)
+    fills its waves of resident CTAs (4 per SM until the variant has launched once) to 90 %, else the k that
+    fills them best. Fewer programs reload fewer adapter rows; each walks at least four column tiles where
+    there are enough (its loads then overlap)."""
     slots = _resident.get(variant, 4) * configs.sm_count(like)
-    return max(1, min(slots // (n_blocks * layers), k_tiles // 4 or 1))
+    rows = n_blocks * layers
+    ks = range(1, max(1, k_tiles // 4) + 1)
+
+    def fill(k):
+        return (k * rows / slots) / configs.cdiv(k * rows, slots)
+    return next((k for k in ks if fill(k) >= 0.9), None) or max(ks, key=lambda k: (fill(k), -k))
 
 
 def _note_residency(kernel, like, variant):
