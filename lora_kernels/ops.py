@@ -173,7 +173,8 @@ def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmer
     """merge_op; eager calls skip the custom-op layer (~10 µs of host per call, as much as a 4096² merge's
     kernel on a slow host) and bump weight's version themselves, as the op's mutation does, so a backward
     that saved W before the merge still refuses to run with the merged one."""
-    if _eager(weight, lora_A, lora_B):
+    # (a weight that autograd tracks keeps the op's checks: an in-place write to a leaf that needs grad raises)
+    if _eager(weight, lora_A, lora_B) and not (weight.requires_grad and torch.is_grad_enabled()):
         _merge_impl(weight, lora_A, lora_B, scaling, unmerge, backend)
         torch.autograd.graph.increment_version(weight)
     else:
