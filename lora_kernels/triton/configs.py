@@ -78,15 +78,20 @@ def _smem_limit() -> int:
 
 
 def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool, nf4: bool,
-                    lowrank_elem: int = 0) -> int:
+                    lowrank_elem: int = 0, nf4_rows: bool = False) -> int:
     """Shared memory of one program: the pipelined A and B tiles (the folded Aᵀ tile with FOLD_XA) and
-    the low-rank L and Rt tiles, loaded once. Under NF4 the pipeline holds, per B element, its code byte,
-    its float32 scale and half a packed byte, and the dequantised tile is staged once more (float32).
+    the low-rank L and Rt tiles, loaded once. Under NF4 the per-element gather (layout 0) pipelines, per B
+    element, its code byte, its float32 scale and half a packed byte; the whole-row layouts (nf4_rows:
+    NF4_LAYOUT 1 and 2) only the packed half byte and one float32 absmax per 64 elements. Either way the
+    dequantised tile is staged once more (float32).
     lowrank_elem: bytes per element of the adapter tiles as loaded (4 for peft's float32 adapters under
     16-bit activations); wider than the activations, Triton stages them once more at their own width.
     Fitted to Triton's own figures (bench/results/smem-estimate-check-sm90a-*.txt)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    b_bytes = (11 * bk * bn) // 2 if nf4 else bk * bn * elem
+    if nf4:
+        b_bytes = (bk * bn) // 2 + (bk * bn) // 16 if nf4_rows else (11 * bk * bn) // 2
+    else:
+        b_bytes = bk * bn * elem
     per_stage = bm * bk * elem + b_bytes + (bk * block_r * elem if fold else 0)
     once = block_r * (bm + bn) * elem
     if fold:  # the float32 x·Aᵀ accumulator staged for the low-rank dot, and up to two more Aᵀ slices
@@ -103,16 +108,20 @@ def gemm_smem_bytes(cfg: dict, stages: int, elem: int, block_r: int, fold: bool,
 SMEM_MARGIN = 1.1
 
 
-def fit_stages(cfgs, elem: int, block_r: int, fold: bool, nf4: bool, lowrank_elem: int) -> list:
+def fit_stages(cfgs, elem: int, block_r: int, fold: bool, nf4: bool, lowrank_elem: int,
+               nf4_rows: bool = False) -> list:
     """The tiles that fit in shared memory, each with num_stages lowered (down to 2) until it does; a launch
     past the limit fails outright."""
     limit = int(_smem_limit() / SMEM_MARGIN)
     fitted = []
+
+    def need(c, stages):
+        return gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank_elem, nf4_rows)
     for c in cfgs:
         stages = c.num_stages
-        while stages > 2 and gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank_elem) > limit:
+        while stages > 2 and need(c, stages) > limit:
             stages -= 1
-        if gemm_smem_bytes(c.kwargs, stages, elem, block_r, fold, nf4, lowrank_elem) <= limit:
+        if need(c, stages) <= limit:
             fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
     return fitted
 
@@ -133,12 +142,13 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     lowrank = max((t.element_size() for t in adapters if hasattr(t, "element_size")), default=0)
     # The estimate has matched Triton's figure for plain tiles; the margin covers layout scratch that
     # it does not model (seen: 24 KB more than estimated for a FOLD_XA tile).
-    fitted = fit_stages(kept, elem, block_r, fold, nf4, lowrank)
+    nf4_rows = nf4 and kwargs.get("NF4_LAYOUT", 0) != 0
+    fitted = fit_stages(kept, elem, block_r, fold, nf4, lowrank, nf4_rows)
     if fitted and os.environ.get("LORA_KERNELS_QUICK_TUNE") == "1":
         return fitted[:1]  # correctness runs: one tile per shape, so one compile instead of one per candidate
     if fitted:
         return fitted
-    small = min(configs, key=lambda c: gemm_smem_bytes(c.kwargs, 1, elem, block_r, fold, nf4, lowrank))
+    small = min(configs, key=lambda c: gemm_smem_bytes(c.kwargs, 1, elem, block_r, fold, nf4, lowrank, nf4_rows))
     return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=1)]
 
 
