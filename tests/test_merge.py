@@ -98,25 +98,26 @@ def test_merge_after_forward_refuses_the_stale_backward(backend):
         y.sum().backward()
 
 
-def test_merge_grid_fills_whole_waves_of_resident_programs():
-    """The merge grid is sized from how many of the compiled kernel's CTAs an SM holds (a 151-register, 40 KB
-    variant: 3), so that no half-empty wave trails."""
-    from lora_kernels.triton import merge as mg
-    assert mg.ctas_per_sm(151, 4, 40960) == 3                     # registers bound
-    assert mg.ctas_per_sm(128, 4, 40960) == 4
-    assert mg.ctas_per_sm(64, 8, 100 * 1024) == 2                 # shared memory bound
-    assert mg.ctas_per_sm(32, 4, 0) == 16                         # threads bound
+def test_grids_fill_whole_waves_of_resident_programs():
+    """Merge and split-K size their grids from how many of the compiled kernel's CTAs an SM holds (a
+    151-register, 40 KB variant: 3), so that no nearly empty wave trails."""
+    from lora_kernels.triton import merge as mg, waves
+    assert waves.ctas_per_sm(151, 4, 40960) == 3                  # registers bound
+    assert waves.ctas_per_sm(128, 4, 40960) == 4
+    assert waves.ctas_per_sm(64, 8, 100 * 1024) == 2              # shared memory bound
+    assert waves.ctas_per_sm(32, 4, 0) == 16                      # threads bound
     variant = ("test variant",)
-    mg._resident[variant] = 3
+    waves._resident[variant] = 3
     like = torch.empty(1)
-    sms = mg.configs.sm_count(like)
+    slots = 3 * mg.configs.sm_count(like)
     try:
-        for rows, k_tiles in ((4, 64), (7, 64), (3 * sms - 1, 64), (1000, 64), (5, 8)):
-            k = mg._k_programs(rows, k_tiles, 1, like, variant)
-            assert 1 <= k <= max(1, k_tiles // 4)                  # >= 4 column tiles per program
-            fills = [(j * rows / (3 * sms)) / -(-j * rows // (3 * sms)) for j in range(1, max(1, k_tiles // 4) + 1)]
+        for units, k_max in ((4, 16), (7, 16), (slots - 1, 16), (1000, 16), (5, 2)):
+            k = waves.per_unit(units, k_max, like, variant)
+            assert 1 <= k <= k_max
+            fills = [(j * units / slots) / -(-j * units // slots) for j in range(1, k_max + 1)]
             good = [j + 1 for j, f in enumerate(fills) if f >= 0.9]
             assert k == (good[0] if good else fills.index(max(fills)) + 1)  # the fewest programs that fill waves
-        assert mg._k_programs(4, 64, 1, like, variant) * 4 == 3 * sms  # here: exactly one full wave
+        assert waves.per_unit(4, 16, like, variant) * 4 == slots           # here: exactly one full wave
+        assert mg._k_programs(4, 64, 1, like, variant) == waves.per_unit(4, 16, like, variant)
     finally:
-        del mg._resident[variant]
+        del waves._resident[variant]

@@ -115,3 +115,18 @@ def test_splitk_bf16_on_gpu_deterministic(monkeypatch, dtype):
         y1 = lk.lora_linear(x, w, a, b, 0.5, bias, backend="triton")
         y2 = lk.lora_linear(x, w, a, b, 0.5, bias, backend="triton")
         assert torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+def test_splitk_nf4_first_call_gives_the_bits_of_later_ones(monkeypatch):
+    """The split is chosen from the compiled kernel's residency, read by a one-program launch before the
+    first grid: the very first call must already split K as every later call does."""
+    from lora_kernels.triton import waves
+    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
+    monkeypatch.setattr(waves, "_resident", {})
+    q = quantize_nf4(torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    a, b = torch.randn(16, 4096, device="cuda") / 64, torch.randn(1000, 16, device="cuda")
+    first = lk.lora4_linear(x, q, a, b, 0.5, backend="triton")
+    assert any(k[0] == "splitk" for k in waves._resident)
+    assert torch.equal(first, lk.lora4_linear(x, q, a, b, 0.5, backend="triton"))

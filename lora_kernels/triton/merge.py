@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._transfer import to_device_async
-from . import configs
+from . import configs, waves
 
 
 @triton.jit
@@ -90,49 +90,10 @@ def _blocks(R):
     return block_n, block_k, block_r
 
 
-# CTAs of the compiled merge kernel that one SM holds at once, per variant, read from its first launch: the
-# grid is sized to fill whole waves of them (a 151-register variant holds 3 per SM; a grid sized for 4 ran
-# 1.45 waves at 4096², its last wave a third full).
-_resident: dict = {}
-
-
-def ctas_per_sm(n_regs: int, warps: int, shared: int, regs: int = 65536, smem: int = 228 * 1024) -> int:
-    """CTAs of one kernel an SM holds at once, by registers (allocated per warp, 256 at a time), shared memory
-    (1 KB reserved per CTA) and threads (2048), at most 32."""
-    per_warp = configs.cdiv(n_regs * 32, 256) * 256
-    return max(1, min(regs // (per_warp * warps), smem // (shared + 1024), 2048 // (32 * warps), 32))
-
-
-def _launched_ctas_per_sm(kernel, like) -> "int | None":
-    """ctas_per_sm of a launched CompiledKernel on like's GPU (None where its figures are not known)."""
-    n_regs, meta = getattr(kernel, "n_regs", None), getattr(kernel, "metadata", None)
-    warps, shared = getattr(meta, "num_warps", None), getattr(meta, "shared", None)
-    if not n_regs or not warps or shared is None or not like.is_cuda:
-        return None
-    props = torch.cuda.get_device_properties(like.device)
-    return ctas_per_sm(n_regs, warps, shared, getattr(props, "regs_per_multiprocessor", 65536),
-                       getattr(props, "shared_memory_per_multiprocessor", 228 * 1024))
-
-
 def _k_programs(n_blocks, k_tiles, layers, like, variant) -> int:
-    """Programs per row block, k: the smallest k whose grid (k · row blocks · layers programs of equal work)
-    fills its waves of resident CTAs (4 per SM until the variant has launched once) to 90 %, else the k that
-    fills them best. Fewer programs reload fewer adapter rows; each walks at least four column tiles where
-    there are enough (its loads then overlap)."""
-    slots = _resident.get(variant, 4) * configs.sm_count(like)
-    rows = n_blocks * layers
-    ks = range(1, max(1, k_tiles // 4) + 1)
-
-    def fill(k):
-        return (k * rows / slots) / configs.cdiv(k * rows, slots)
-    return next((k for k in ks if fill(k) >= 0.9), None) or max(ks, key=lambda k: (fill(k), -k))
-
-
-def _note_residency(kernel, like, variant):
-    if variant not in _resident:
-        ctas = _launched_ctas_per_sm(kernel, like)
-        if ctas is not None:
-            _resident[variant] = ctas
+    """Programs per row block: whole waves of resident programs (waves.per_unit), each walking at least four
+    column tiles where there are enough (its loads then overlap)."""
+    return waves.per_unit(n_blocks * layers, k_tiles // 4, like, variant)
 
 
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
@@ -148,7 +109,7 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
                                  B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype],
                                  GROUPED=False, PRECISION=_precision(weight), W_VEC=1, A_VEC=1, B_VEC=1,
                                  BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
-    _note_residency(kernel, weight, variant)
+    waves.note(kernel, weight, variant)
 
 
 def _offsets_16b(tensors):
@@ -174,4 +135,4 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
         UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0),
         W_VEC=16 // w0.element_size(), A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
-    _note_residency(kernel, w0, variant)
+    waves.note(kernel, w0, variant)

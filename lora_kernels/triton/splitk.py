@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, measured
+from . import configs, measured, waves
 from .nf4_tile import NF4Operand, dequant_rows
 
 MAX_ROWS = 64
@@ -113,24 +113,33 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
     block_m, block_r = max(16, configs.next_pow2(M)), max(16, configs.next_pow2(R))
     block_n, block_k = (16, 64) if configs.interpreting() else (64, 128)
     n_blocks = configs.cdiv(N, block_n)
-    sms = configs.sm_count(x2d)
-    # About four programs per SM, but partial sums (split·M·N floats, written and read once) kept under an
-    # eighth of W's bytes.
+    # Whole waves of resident programs (waves.per_unit), but partial sums (split·M·N floats, written and read
+    # once) kept under an eighth of W's bytes.
     w_bytes = 0.5 if nf4 else weight.element_size()
-    split = max(1, min(configs.cdiv(K, block_k), configs.cdiv(4 * sms, n_blocks), int(K * w_bytes) // (32 * M)))
-    k_per_split = configs.cdiv(configs.cdiv(K, split), block_k) * block_k
-    split = configs.cdiv(K, k_per_split)
+    max_split = max(1, min(configs.cdiv(K, block_k), int(K * w_bytes) // (32 * M)))
+    variant = ("splitk", nf4, x2d.dtype, lora_A.dtype, block_m, block_r, precision)
     dev = x2d.device
-    part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
-    xa_part = torch.empty((split, M, R), device=dev, dtype=torch.float32)
     if nf4:
         w, absmax, code, swn, swk = weight.packed, weight.absmax, weight.code, K, 1
     else:
         w, absmax, code, swn, swk = weight, x2d, x2d, weight.stride(0), weight.stride(1)
-    _splitk_partial_kernel[(n_blocks, split)](
-        x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0), swn, swk,
-        lora_A.stride(0), lora_A.stride(1), NF4=nf4, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3)
+
+    def partials(grid, split):
+        k_per_split = configs.cdiv(configs.cdiv(K, split), block_k) * block_k
+        split = configs.cdiv(K, k_per_split)
+        part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
+        xa_part = torch.empty((split, M, R), device=dev, dtype=torch.float32)
+        kernel = _splitk_partial_kernel[grid or (n_blocks, split)](
+            x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0), swn, swk,
+            lora_A.stride(0), lora_A.stride(1), NF4=nf4, DOT_PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3)
+        return kernel, part, xa_part, split
+    if x2d.is_cuda and not waves.known(variant):
+        # One program first: the kernel is compiled and loaded, so its residency is known before the split
+        # is chosen, and every call of this variant splits K alike (the same summation order, the same bits).
+        kernel, *_ = partials((1, 1), max_split)
+        waves.note(kernel, x2d, variant)
+    _, part, xa_part, split = partials(None, waves.per_unit(n_blocks, max_split, x2d, variant))
     y = torch.empty((M, N), device=dev, dtype=x2d.dtype)
     xa = torch.empty((M, R), device=dev, dtype=torch.float32)
     from_ptr = scale_t is not None
