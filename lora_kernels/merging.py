@@ -10,6 +10,7 @@ merge / unmerge, and one log line says how many and why.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import Counter, defaultdict
 from typing import Callable, List, NamedTuple
@@ -100,15 +101,24 @@ def group_layers(layers: List[_Layer]) -> List[List[_Layer]]:
         else:
             groups.append([layer])
     for members in by_key.values():
+        # each wave keeps its weights' byte ranges sorted by start (they never overlap inside a wave), so the
+        # overlap test is a bisection, not a scan: 224 layers took ~10 ms of host time with the scan
         waves: List[List[_Layer]] = []
+        starts: List[List[int]] = []
+        ends: List[List[int]] = []
         for layer in members:
             lo, hi = _byte_range(layer.weight)
-            for wave in waves:
-                if all(hi <= _byte_range(o.weight)[0] or lo >= _byte_range(o.weight)[1] for o in wave):
+            for wave, s, e in zip(waves, starts, ends):
+                i = bisect.bisect_right(s, lo)
+                if (i == 0 or e[i - 1] <= lo) and (i == len(s) or s[i] >= hi):
                     wave.append(layer)
+                    s.insert(i, lo)
+                    e.insert(i, hi)
                     break
             else:
                 waves.append([layer])
+                starts.append([lo])
+                ends.append([hi])
         groups += waves
     return groups
 
@@ -125,8 +135,8 @@ def _run(model: nn.Module, unmerge: bool, backend: str) -> nn.Module:
     # A weight shared by several layers gets their adapters in group order; unmerge takes them off in reverse.
     for group in reversed(groups) if unmerge else groups:
         w0 = group[0].weight
-        ops.merge_group_op([g.weight for g in group], [g.lora_A for g in group], [g.lora_B for g in group],
-                           [g.scaling for g in group], unmerge, _backends.resolve_merge(backend, w0))
+        ops.merge_group([g.weight for g in group], [g.lora_A for g in group], [g.lora_B for g in group],
+                        [g.scaling for g in group], unmerge, _backends.resolve_merge(backend, w0))
         for g in group:
             g.done()
     for m in theirs:

@@ -186,16 +186,32 @@ def _(weight, lora_A, lora_B, scaling, unmerge, backend):
     return None
 
 
+def _merge_group_impl(weights, lora_As, lora_Bs, scalings, unmerge: bool, backend: str):
+    if backend == "triton":
+        _backends.module("triton").merge_group_(weights, lora_As, lora_Bs, scalings, unmerge)
+        return
+    for w, a, b, s in zip(weights, lora_As, lora_Bs, scalings):
+        _merge_impl(w, a, b, s, unmerge, backend)
+
+
 @torch.library.custom_op("lora_kernels::merge_group_", mutates_args=("weights",))
 def merge_group_op(weights: List[Tensor], lora_As: List[Tensor], lora_Bs: List[Tensor], scalings: List[float],
                    unmerge: bool, backend: str) -> None:
     """merge_op over layers of one shape: one launch on Triton (merging.group_layers makes the groups),
     per layer elsewhere; every layer's bits equal what merge_op gives it alone."""
-    if backend == "triton":
-        _backends.module("triton").merge_group_(weights, lora_As, lora_Bs, scalings, unmerge)
-        return
-    for w, a, b, s in zip(weights, lora_As, lora_Bs, scalings):
-        merge_op(w, a, b, s, unmerge, backend)
+    _merge_group_impl(weights, lora_As, lora_Bs, scalings, unmerge, backend)
+
+
+def merge_group(weights, lora_As, lora_Bs, scalings, unmerge: bool, backend: str):
+    """merge_group_op; eager calls skip the custom-op layer as _merge does (for lists its checks cost ~1 µs
+    per tensor) and bump every weight's version themselves."""
+    if _eager(*weights, *lora_As, *lora_Bs) and not (torch.is_grad_enabled()
+                                                     and any(w.requires_grad for w in weights)):
+        _merge_group_impl(weights, lora_As, lora_Bs, scalings, unmerge, backend)
+        for w in weights:
+            torch.autograd.graph.increment_version(w)
+    else:
+        merge_group_op(weights, lora_As, lora_Bs, scalings, unmerge, backend)
 
 
 @merge_group_op.register_fake

@@ -78,6 +78,34 @@ def test_groups_are_few_and_never_hold_overlapping_weights():
     assert sorted(len(g) for g in group_layers(ours)) == [1, 1]
 
 
+def test_partly_overlapping_weights_never_share_a_group():
+    """Weights viewed out of one buffer: neighbours share a launch, a view across both goes to the next wave
+    (the overlap test bisects each wave's sorted byte ranges)."""
+    buf = torch.randn(3 * 40 * 48)
+    views = [buf[o:o + 40 * 48].view(40, 48) for o in (0, 40 * 48, 20 * 48, 2 * 40 * 48, 60 * 48)]
+    layers = nn.ModuleList()
+    for v in views:
+        m = lk.FusedLoRALinear(48, 40, r=4, dtype=torch.float32)
+        m.weight = nn.Parameter(v, requires_grad=False)
+        layers.append(m)
+    ours, *_ = _collect(layers, unmerge=False)
+    groups = group_layers(ours)
+    assert [[ours.index(g) for g in group] for group in groups] == [[0, 1, 3], [2, 4]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_model_moves_the_weights_version(backend):
+    """Eager merge_model skips the custom-op layer (a kernel's write moves no version); a backward that saved
+    W before the merge must still refuse to run with the merged weight."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    layers = _layers(torch.float32, device=device)
+    x = torch.randn(3, 48, device=device, requires_grad=True)
+    y = layers[1](x)
+    lk.merge_model(layers, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_bad_layer_raises_with_its_name_and_changes_nothing():
     layers = _layers(torch.float32)
     layers[3].scaling = float("inf")

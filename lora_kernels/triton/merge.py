@@ -96,26 +96,48 @@ def _k_programs(n_blocks, k_tiles, layers, like, variant) -> int:
     return waves.per_unit(n_blocks * layers, k_tiles // 4, like, variant)
 
 
+_plans: dict = {}  # (shape, rank, dtypes, unmerge, device) -> (grid, tiles, variant), once the grid is final
+
+
+def _plan(weight, A, B, unmerge):
+    """Grid and tiles of one layer's merge. Kept once the variant's residency is known (its first launch),
+    so a repeated merge spends no host time re-deriving them (~5-10 us of a 4096^2 merge's ~50)."""
+    N, K = weight.shape
+    R = A.shape[0]
+    key = (N, K, R, weight.dtype, A.dtype, B.dtype, unmerge, weight.device)
+    plan = _plans.get(key)
+    if plan is None:
+        block_n, block_k, block_r = _blocks(R)
+        n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
+        variant = (weight.dtype, A.dtype, B.dtype, unmerge, False, block_r)
+        grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight, variant))
+        plan = (grid, (block_n, block_k, block_r), variant)
+        if waves.known(variant):
+            _plans[key] = plan
+    return plan
+
+
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
     N, K = weight.shape
-    R = lora_A.shape[0]
     A = lora_A.contiguous()
     B = lora_B.contiguous()
-    block_n, block_k, block_r = _blocks(R)
-    n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
-    variant = (weight.dtype, A.dtype, B.dtype, unmerge, False, block_r)
-    grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight, variant))
-    kernel = _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, R, weight.stride(0), A.stride(0),
-                                 B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype],
+    grid, (block_n, block_k, block_r), variant = _plan(weight, A, B, unmerge)
+    kernel = _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, A.shape[0], weight.stride(0),
+                                 A.stride(0), B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype],
                                  GROUPED=False, PRECISION=_precision(weight), W_VEC=1, A_VEC=1, B_VEC=1,
                                  BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
     waves.note(kernel, weight, variant)
 
 
-def _offsets_16b(tensors):
-    """Each tensor's distance from the first in 16-byte units (all are 16-byte aligned: merge.group_layers)."""
-    base = tensors[0].data_ptr()
-    return to_device_async([(t.data_ptr() - base) // 16 for t in tensors], torch.int64, tensors[0].device)
+def _offsets_16b(*lists):
+    """Each tensor's distance from the first of its list in 16-byte units (all are 16-byte aligned:
+    merging.group_layers), every list in one device table: one queued copy for the three of them."""
+    offsets = []
+    for tensors in lists:
+        base = tensors[0].data_ptr()
+        offsets += [(t.data_ptr() - base) // 16 for t in tensors]
+    table = to_device_async(offsets, torch.int64, lists[0][0].device)
+    return table.split(len(lists[0]))
 
 
 def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
@@ -129,8 +151,9 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     variant = (w0.dtype, a0.dtype, b0.dtype, unmerge, True, block_r)
     grid = (n_blocks, _k_programs(n_blocks, k_tiles, len(weights), w0, variant), len(weights))
     scales = to_device_async(scalings, torch.float32, w0.device)
+    w_offs, a_offs, b_offs = _offsets_16b(weights, lora_As, lora_Bs)
     kernel = _merge_kernel[grid](
-        w0, a0, b0, _offsets_16b(weights), _offsets_16b(lora_As), _offsets_16b(lora_Bs), scales,
+        w0, a0, b0, w_offs, a_offs, b_offs, scales,
         N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
         UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0),
         W_VEC=16 // w0.element_size(), A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
