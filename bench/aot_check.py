@@ -135,6 +135,10 @@ def variants():
     yield "split-K decode partials bf16", sk_mod._splitk_partial_kernel, sk_ptrs, sk, dict(num_warps=4, num_stages=3)
     yield "split-K decode partials NF4", sk_mod._splitk_partial_kernel, dict(sk_ptrs, w_ptr="*u8"), \
         dict(sk, NF4=True), dict(num_warps=4, num_stages=3)
+    for rows in (1, 2, 4):
+        yield f"NF4 decode partials by multiply-adds, {rows} row(s)", sk_mod._nf4_gemv_partial_kernel, \
+            dict(sk_ptrs, w_ptr="*u8"), dict(ROWS=rows, BLOCK_N=32, BLOCK_K=max(64, 128 // rows), BLOCK_R=16), \
+            dict(num_warps=4, num_stages=3)
     red = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_R=16)
     yield "split-K decode reduce + LoRA + bias", sk_mod._splitk_reduce_kernel, \
         {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)

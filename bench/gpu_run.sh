@@ -48,9 +48,14 @@ if [[ $STEPS == *sanitize* ]]; then
   # then every tool on every backend in its own process, side by side. Autotuning results go to the disk cache
   # too, and PyTorch's caching allocator is off: under the tools each process otherwise held ~55 GiB, and six
   # side by side ran the GPU out of memory.
-  export TRITON_CACHE_AUTOTUNING=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  timeout 180 python3 bench/sanitize_cases.py > "$OUT/sanitize_warmup.log" 2>&1
+  # LORA_KERNELS_QUICK_TUNE=1: one tile per kernel, no autotuning (on 16 cores the full warm-up did not end
+  # in 80 s); each backend warms up in its own process.
+  export TRITON_CACHE_AUTOTUNING=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 LORA_KERNELS_QUICK_TUNE=1
   backends=$(python3 -c "import lora_kernels as lk; print('triton', 'cuda' if lk.cuda_ext_available() else '')")
+  for backend in $backends; do
+    timeout ${SANITIZE_WARMUP_TIMEOUT:-240} python3 bench/sanitize_cases.py $backend > "$OUT/sanitize_warmup_$backend.log" 2>&1 &
+  done
+  wait
   for tool in memcheck racecheck synccheck; do
     for backend in $backends; do
       timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $tool --print-limit 20 \
@@ -62,7 +67,7 @@ if [[ $STEPS == *sanitize* ]]; then
     echo "$(basename "$f" .log): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases ran' "$f" | tr '\n' ' ')"
   done | tee "$OUT/sanitize_summary.log"
   tar czf "$OUT/sanitize_logs.tgz" -C "$OUT" $(cd "$OUT" && ls sanitize_*.log) && rm -f "$OUT"/sanitize_*_*.log
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING LORA_KERNELS_QUICK_TUNE
 fi
 if [[ $STEPS == *soak* ]]; then
   timeout ${SOAK_TIMEOUT:-120} python3 bench/soak.py --steps ${SOAK_STEPS:-10000} --cycles ${SOAK_CYCLES:-10000} \

@@ -57,12 +57,14 @@ for backend in backends:
                            backend="triton").float().sum().backward()
         del os.environ["LORA_KERNELS_GEMM"]
         from lora_kernels.nf4 import quantize_nf4  # double-quantised absmax: its decode kernel too
-        for M in (1, 37):
+        for M, decode in ((1, "splitk"), (37, "splitk"), (1, "gemv"), (3, "gemv")):
+            os.environ["LORA_KERNELS_DECODE"] = decode  # gemv: the multiply-add partials (at most 4 rows)
             q = quantize_nf4(torch.randn(96, 192, device=dev, dtype=torch.bfloat16))
             x = torch.randn(M, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
             a = (torch.randn(8, 192, device=dev) / 14).requires_grad_()
             b = torch.randn(96, 8, device=dev).requires_grad_()
             for p in (0.0, 0.1):  # p = 0 takes the split-K forward
                 lk.lora4_linear(x, q, a, b, 0.5, dropout_p=p, backend="triton").float().sum().backward()
+        del os.environ["LORA_KERNELS_DECODE"]
 torch.cuda.synchronize()
 print("sanitize cases ran:", backends)

@@ -46,20 +46,24 @@ def test_splitk_with_tensor_scaling_and_strided_rows(monkeypatch, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_splitk_nf4_matches_gemm_path_and_reference(monkeypatch, device):
-    torch.manual_seed(0)
-    q = quantize_nf4(torch.randn(48, 192, device=device, dtype=torch.float16))
-    x = torch.randn(3, 192, device=device, dtype=torch.float16)
-    a, b = torch.randn(8, 192, device=device) / 14, torch.randn(48, 8, device=device)
-    bias = torch.randn(48, device=device, dtype=torch.float16)
+@pytest.mark.parametrize("M, N", [(3, 48), (1, 50), (4, 37)])
+def test_splitk_nf4_matches_gemm_path_and_reference(monkeypatch, device, M, N):
+    """Both split-K partials (tensor-core products; multiply-adds for at most 4 rows) meet the oracle rule
+    against the one-GEMM path, N not a multiple of the column block included."""
+    torch.manual_seed(M * 100 + N)
+    q = quantize_nf4(torch.randn(N, 192, device=device, dtype=torch.float16))
+    x = torch.randn(M, 192, device=device, dtype=torch.float16)
+    a, b = torch.randn(8, 192, device=device) / 14, torch.randn(N, 8, device=device)
+    bias = torch.randn(N, device=device, dtype=torch.float16)
     w = dequantize_nf4(q, torch.float64)
     ref = x.double() @ w.t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t() + bias.double()
     out = {}
-    for path in ("gemm", "splitk"):
+    for path in ("gemm", "splitk", "gemv"):
         monkeypatch.setenv("LORA_KERNELS_DECODE", path)
         out[path] = lk.lora4_linear(x, q, a, b, 0.5, bias, backend="triton").double()
     err = {p: (y - ref).norm().item() for p, y in out.items()}
-    assert err["splitk"] <= 2 * err["gemm"] + 1e-6 * ref.norm().item(), err
+    for path in ("splitk", "gemv"):
+        assert err[path] <= 2 * err["gemm"] + 1e-6 * ref.norm().item(), err
 
 
 def test_path_rule_forced_measured_and_safe(monkeypatch):
@@ -130,3 +134,24 @@ def test_splitk_nf4_first_call_gives_the_bits_of_later_ones(monkeypatch):
     first = lk.lora4_linear(x, q, a, b, 0.5, backend="triton")
     assert any(k[0] == "splitk" for k in waves._resident)
     assert torch.equal(first, lk.lora4_linear(x, q, a, b, 0.5, backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, K", [(1, 4096), (2, 320), (4, 4160)])
+def test_nf4_gemv_partials_on_gpu(monkeypatch, M, K):
+    """The multiply-add partials on the GPU: K not a multiple of their 256 / 128 / 64-column tile (masked
+    tail), first call bit-equal to later ones, oracle rule against the tensor-core split-K path."""
+    from lora_kernels.triton import waves
+    monkeypatch.setattr(waves, "_resident", {})
+    torch.manual_seed(K + M)
+    q = quantize_nf4(torch.randn(1000, K, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    a, b = torch.randn(16, K, device="cuda") / K**0.5, torch.randn(1000, 16, device="cuda")
+    ref = x.double() @ dequantize_nf4(q, torch.float64).t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    out = {}
+    for path in ("splitk", "gemv"):
+        monkeypatch.setenv("LORA_KERNELS_DECODE", path)
+        out[path] = lk.lora4_linear(x, q, a, b, 0.5, backend="triton")
+        assert torch.equal(out[path], lk.lora4_linear(x, q, a, b, 0.5, backend="triton"))
+    err = {p: (y.double() - ref).norm().item() for p, y in out.items()}
+    assert err["gemv"] <= 2 * err["splitk"] + 1e-6 * ref.norm().item(), err

@@ -43,6 +43,8 @@ def run(r=16, log=print):
             if M <= 64:
                 fns.update(triton_gemm=P.forced("LORA_KERNELS_DECODE", "gemm", fns["triton"]),
                            triton_splitk=P.forced("LORA_KERNELS_DECODE", "splitk", fns["triton"]))
+                if M <= 4:  # the multiply-add partials (splitk.GEMV_MAX_ROWS)
+                    fns["triton_gemv"] = P.forced("LORA_KERNELS_DECODE", "gemv", fns["triton"])
             else:
                 fns.update(triton_tiled=P.forced("LORA_KERNELS_NF4", "tiled", fns["triton"]),
                            triton_dense=P.forced("LORA_KERNELS_NF4", "dense", fns["triton"]))

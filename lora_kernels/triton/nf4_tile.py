@@ -17,17 +17,17 @@ from . import configs
 
 
 @triton.jit
-def dequant_rows(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
-                 ROWS: tl.constexpr, COLS: tl.constexpr):
-    """float32 (ROWS, COLS): W[rows, c0 : c0 + COLS], columns wrapped modulo row_len (row_len % 64 == 0;
-    c0 a multiple of COLS, COLS a power of two). Rows outside row_ok read row 0 and must be masked by the
-    caller's use (their values are finite).
+def dequant_pairs(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
+                  ROWS: tl.constexpr, COLS: tl.constexpr):
+    """float32 (ROWS, COLS // 2) twice: W[rows, c0 + 2j] and W[rows, c0 + 2j + 1], columns wrapped modulo
+    row_len (row_len % 64 == 0; c0 a multiple of COLS, COLS a power of two). Rows outside row_ok read
+    row 0 and must be masked by the caller's use (their values are finite).
 
     Each packed byte is decoded in the layout it was loaded in: its two codes are looked up in the 16-entry
     table held in shared memory (tl.gather: one conflict-free LDS per element, the table loaded once and
-    hoisted out of the caller's loop), both scaled by the block's absmax, and only the finished values are
-    interleaved. A tl.load(code_ptr + codes) gather here became, in the pipelined main loops, one 4-byte
-    cp.async per element plus a shared-memory layout conversion of a tensor of 64-bit pointers."""
+    hoisted out of the caller's loop) and both scaled by the block's absmax. A tl.load(code_ptr + codes)
+    gather here became, in the pipelined main loops, one 4-byte cp.async per element plus a shared-memory
+    layout conversion of a tensor of 64-bit pointers."""
     HALF: tl.constexpr = COLS // 2
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
     pairs = (c0 // 2 + tl.arange(0, HALF)) % (row_len // 2)
@@ -44,7 +44,15 @@ def dequant_rows(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
         g = (c0 // 64 + tl.arange(0, GROUPS)) % blocks_per_row
         am = tl.load(absmax_ptr + rows[:, None] * blocks_per_row + g[None, :])
         am = tl.reshape(tl.broadcast_to(am[:, :, None], (ROWS, GROUPS, 32)), (ROWS, HALF))
-    return tl.interleave(hi * am, lo * am)  # column 2j: high nibble of byte j, 2j + 1: low nibble
+    return hi * am, lo * am  # high nibble of byte j: column 2j, low nibble: 2j + 1
+
+
+@triton.jit
+def dequant_rows(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
+                 ROWS: tl.constexpr, COLS: tl.constexpr):
+    """float32 (ROWS, COLS): W[rows, c0 : c0 + COLS] in column order (dequant_pairs, interleaved)."""
+    even, odd = dequant_pairs(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len, ROWS, COLS)
+    return tl.interleave(even, odd)
 
 
 class NF4B:

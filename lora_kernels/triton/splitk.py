@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 
 from . import configs, measured, waves
-from .nf4_tile import NF4Operand, dequant_rows
+from .nf4_tile import NF4Operand, dequant_pairs, dequant_rows
 
 MAX_ROWS = 64
 MAX_RANK = 128
+GEMV_MAX_ROWS = 4  # the multiply-add partials (4-bit W) hold ROWS x BLOCK_N x BLOCK_K / 2 products per tile
 
 
 @triton.jit
@@ -56,6 +57,56 @@ def _splitk_partial_kernel(
              mask=m_ok[:, None] & (offs_n[None, :] < N))
     if pid_n == 0:
         tl.store(xa_part_ptr + (pid_s * M + rm[:, None]) * R + rr[None, :], xa, mask=m_ok[:, None] & (rr[None, :] < R))
+
+
+@triton.jit
+def _nf4_gemv_partial_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, part_ptr, xa_part_ptr,
+    M, N, K, R, K_PER_SPLIT, stride_xm, stride_ar, stride_ak,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # The partial sums of _splitk_partial_kernel for a 4-bit W and at most 4 rows, by multiply-adds instead of
+    # a tensor-core product padded to 16 rows: each packed byte's two codes meet x's even and odd columns, so
+    # the dequantised tile is never interleaved nor moved into an operand layout. W rounds to x's dtype, as
+    # the tensor-core paths round it; products and sums are float32.
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)  # wrapped: loads stay in bounds, stores are masked
+    rj = tl.arange(0, HALF)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    # element-wise sums over the K loop, reduced across lanes once after it (a reduction per step cost
+    # hundreds of shuffles and barriers per tile)
+    acc = tl.zeros((ROWS, BLOCK_N, HALF), dtype=tl.float32)
+    xa = tl.zeros((ROWS, BLOCK_R, BLOCK_K), dtype=tl.float32)
+    k_start = pid_s * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
+        even, odd = dequant_pairs(w_ptr, absmax_ptr, code_ptr, rn, rn >= 0, k0, K, BLOCK_N, BLOCK_K)
+        ke = k0 + 2 * rj
+        ok = m_ok[:, None] & (ke[None, :] < K)  # columns past K wrapped to finite values: x is 0 there
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + ke[None, :]
+        x_e = tl.load(x_ptrs, mask=ok, other=0.0)
+        x_o = tl.load(x_ptrs + 1, mask=ok, other=0.0)
+        even = even.to(x_e.dtype).to(tl.float32)
+        odd = odd.to(x_e.dtype).to(tl.float32)
+        acc += even[None, :, :] * x_e.to(tl.float32)[:, None, :] + odd[None, :, :] * x_o.to(tl.float32)[:, None, :]
+        if pid_n == 0:
+            k_ok = (k0 + rk) < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + (k0 + rk)[None, :] * stride_ak,
+                        mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
+            a = a.to(x.dtype).to(tl.float32)
+            xa += x.to(tl.float32)[:, None, :] * a[None, :, :]
+    tl.store(part_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :], tl.sum(acc, axis=2),
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
+    if pid_n == 0:
+        tl.store(xa_part_ptr + (pid_s * M + rm[:, None]) * R + rr[None, :], tl.sum(xa, axis=2),
+                 mask=m_ok[:, None] & (rr[None, :] < R))
 
 
 @triton.jit
@@ -105,19 +156,33 @@ def applies(x2d, weight, lora_A, dropout_on: bool) -> bool:
     return K % 64 == 0 if isinstance(weight, NF4Operand) else True
 
 
-def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
-    """(y, xa) as fused_linear.forward returns them, for the shapes `applies` accepts."""
+def gemv_applies(x2d, weight) -> bool:
+    """The multiply-add partials serve a 4-bit W (whole absmax blocks per row) and at most GEMV_MAX_ROWS rows."""
+    return isinstance(weight, NF4Operand) and x2d.shape[0] <= GEMV_MAX_ROWS
+
+
+def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=False):
+    """(y, xa) as fused_linear.forward returns them, for the shapes `applies` accepts; gemv=True (where
+    gemv_applies) makes the partial sums by multiply-adds instead of tensor-core products."""
     M, K = x2d.shape
     N, R = lora_B.shape
     nf4 = isinstance(weight, NF4Operand)
+    gemv = gemv and gemv_applies(x2d, weight)
     block_m, block_r = max(16, configs.next_pow2(M)), max(16, configs.next_pow2(R))
-    block_n, block_k = (16, 64) if configs.interpreting() else (64, 128)
+    if configs.interpreting():
+        block_n, block_k = 16, 64
+    elif gemv:
+        # 32 x 128 / 32 x 64 / 32 x 64 tiles for 1 / 2 / 4 rows: 128, 115 and 159 registers (sm_90a, no
+        # spills), so 3-4 programs per SM; wider tiles reached 220-255 registers
+        block_n, block_k = 32, max(64, 128 // configs.next_pow2(M))
+    else:
+        block_n, block_k = 64, 128
     n_blocks = configs.cdiv(N, block_n)
     # Whole waves of resident programs (waves.per_unit), but partial sums (split·M·N floats, written and read
     # once) kept under an eighth of W's bytes.
     w_bytes = 0.5 if nf4 else weight.element_size()
     max_split = max(1, min(configs.cdiv(K, block_k), int(K * w_bytes) // (32 * M)))
-    variant = ("splitk", nf4, x2d.dtype, lora_A.dtype, block_m, block_r, precision)
+    variant = ("splitk", nf4, gemv, x2d.dtype, lora_A.dtype, block_m, block_k, block_r, precision)
     dev = x2d.device
     if nf4:
         w, absmax, code, swn, swk = weight.packed, weight.absmax, weight.code, K, 1
@@ -129,10 +194,16 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
         split = configs.cdiv(K, k_per_split)
         part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
         xa_part = torch.empty((split, M, R), device=dev, dtype=torch.float32)
-        kernel = _splitk_partial_kernel[grid or (n_blocks, split)](
-            x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0), swn, swk,
-            lora_A.stride(0), lora_A.stride(1), NF4=nf4, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3)
+        if gemv:
+            kernel = _nf4_gemv_partial_kernel[grid or (n_blocks, split)](
+                x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0),
+                lora_A.stride(0), lora_A.stride(1), ROWS=configs.next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k,
+                BLOCK_R=block_r, num_warps=4, num_stages=3)
+        else:
+            kernel = _splitk_partial_kernel[grid or (n_blocks, split)](
+                x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0), swn, swk,
+                lora_A.stride(0), lora_A.stride(1), NF4=nf4, DOT_PRECISION=precision,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3)
         return kernel, part, xa_part, split
     if x2d.is_cuda and not waves.known(variant):
         # One program first: the kernel is compiled and loaded, so its residency is known before the split
@@ -151,7 +222,8 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision):
     return y, xa
 
 
-def choose_path(key, gemm, splitk) -> str:
-    """'gemm' or 'splitk' for this shape key (measured.choose; LORA_KERNELS_DECODE=gemm|splitk forces one)."""
-    return measured.choose(("decode",) + tuple(key), {"gemm": gemm, "splitk": splitk}, "gemm", "LORA_KERNELS_DECODE",
-                           by="gpu")
+def choose_path(key, gemm, splitk, gemv=None) -> str:
+    """'gemm', 'splitk' or 'gemv' (where given) for this shape key, by GPU time (measured.choose;
+    LORA_KERNELS_DECODE=gemm|splitk|gemv forces one)."""
+    options = {"gemm": gemm, "splitk": splitk, **({"gemv": gemv} if gemv is not None else {})}
+    return measured.choose(("decode",) + tuple(key), options, "gemm", "LORA_KERNELS_DECODE", by="gpu")
