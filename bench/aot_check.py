@@ -126,9 +126,18 @@ def variants():
     rr_ptrs = {"*": "*bf16", "s_ptr": "*fp32", "out_ptr": "*fp32", "colsum_ptr": "*fp32", "scale_ptr": "*fp32",
                "seed_ptr": "*i64"}
     yield "reduce rows (dA/dB, dbias)", fl._reduce_rows_kernel, rr_ptrs, rr, dict(num_warps=4, num_stages=3)
-    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, PRECISION="tf32x3", STAGES=3, W_VEC=1, A_VEC=1, B_VEC=1, BLOCK_N=64, BLOCK_K=64,
-             BLOCK_R=16)
+    def merge_blocks(r):
+        return dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_R"), mg._blocks(r)))
+    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, PRECISION="tf32x3", STAGES=mg._STAGES, W_VEC=1, A_VEC=1,
+             B_VEC=1, **merge_blocks(16))
     yield "merge bf16 unmerge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, m, dict(num_warps=4)
+    yield "merge bf16 merge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, dict(m, UNMERGE=False), \
+        dict(num_warps=4)
+    for r in (32, 64, 128, 256):
+        yield f"merge bf16 unmerge r={r}", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, \
+            dict(m, **merge_blocks(r)), dict(num_warps=4)
+    yield "merge bf16 unmerge, bf16 adapters", mg._merge_kernel, {"*": "*bf16"}, dict(m, PRECISION="ieee"), \
+        dict(num_warps=4)
     sk = dict(NF4=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16)
     sk_ptrs = {"*": "*bf16", "part_ptr": "*fp32", "xa_part_ptr": "*fp32", "a_ptr": "*fp32", "absmax_ptr": "*fp32",
                "code_ptr": "*fp32"}

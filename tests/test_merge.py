@@ -118,6 +118,6 @@ def test_grids_fill_whole_waves_of_resident_programs():
             good = [j + 1 for j, f in enumerate(fills) if f >= 0.9]
             assert k == (good[0] if good else fills.index(max(fills)) + 1)  # the fewest programs that fill waves
         assert waves.per_unit(4, 16, like, variant) * 4 == slots           # here: exactly one full wave
-        assert mg._k_programs(4, 64, 1, like, variant) == waves.per_unit(4, 16, like, variant)
+        assert mg._row_programs(4, 64, 1, like, variant) == waves.per_unit(4, 16, like, variant)
     finally:
         del waves._resident[variant]

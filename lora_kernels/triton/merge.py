@@ -24,26 +24,26 @@ def _merge_kernel(
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # Program (n, k) walks the column tiles k, k + K_programs, ... of row block n: the loop's loads are
-    # pipelined (several W tiles in flight per program), B's rows are loaded once.
-    pid_n = tl.program_id(0)
+    # Program (k, n) owns column strip k, whose A columns it loads once, and walks the row tiles n,
+    # n + row_programs, ...; per tile it reads B's rows (R values each) and W's rows in BLOCK_K-wide segments
+    # (512 bytes of a 16-bit W at rank 16). Neighbouring programs hold neighbouring strips of the same rows.
+    pid_k = tl.program_id(0)
     if GROUPED:
         layer = tl.program_id(2)
         w_ptr += tl.load(w_offs_ptr + layer) * W_VEC
         a_ptr += tl.load(a_offs_ptr + layer) * A_VEC
         b_ptr += tl.load(b_offs_ptr + layer) * B_VEC
         scale = tl.load(scales_ptr + layer)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
-                mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-    for kt in tl.range(tl.program_id(1), tl.cdiv(K, BLOCK_K), tl.num_programs(1), num_stages=STAGES):
-        rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+    for nt in tl.range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1), num_stages=STAGES):
+        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
         ok = (rn[:, None] < N) & (rk[None, :] < K)
         w = tl.load(w_ptrs, mask=ok, other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K),
-                    other=0.0)
+        b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
+                    mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
         _merge_tile(w, w_ptrs, ok, b, a, scale, UNMERGE, INT_TY, PRECISION)
 
 
@@ -85,15 +85,20 @@ def _precision(w):
 
 
 def _blocks(R):
+    """(BLOCK_N, BLOCK_K, BLOCK_R): 16 rows per tile and W row segments as wide as the program's A strip
+    (BLOCK_R x BLOCK_K, held for its life) allows at 4K values: 256 columns at rank 16, 32 from rank 128.
+    sm_90a, float32 adapters, unmerge: 128 / 121 / 150 / 179 / 255 registers for ranks 16-256, no spills
+    (taller tiles reached 193-255 registers and spilled from rank 128)."""
     block_r = max(16, configs.next_pow2(R))
-    block_n, block_k = (16, 32) if configs.interpreting() else (64, 64 if block_r <= 64 else 32)
-    return block_n, block_k, block_r
+    if configs.interpreting():
+        return 16, 32, block_r
+    return 16, min(256, max(32, 4096 // block_r)), block_r
 
 
-def _k_programs(n_blocks, k_tiles, layers, like, variant) -> int:
-    """Programs per row block: whole waves of resident programs (waves.per_unit), each walking at least four
-    column tiles where there are enough (its loads then overlap)."""
-    return waves.per_unit(n_blocks * layers, k_tiles // 4, like, variant)
+def _row_programs(k_strips, n_tiles, layers, like, variant) -> int:
+    """Programs per column strip: whole waves of resident programs (waves.per_unit), each walking at least
+    four row tiles where there are enough (its loads then overlap)."""
+    return waves.per_unit(k_strips * layers, n_tiles // 4, like, variant)
 
 
 _plans: dict = {}  # (shape, rank, dtypes, unmerge, device) -> (grid, tiles, variant), once the grid is final
@@ -108,9 +113,9 @@ def _plan(weight, A, B, unmerge):
     plan = _plans.get(key)
     if plan is None:
         block_n, block_k, block_r = _blocks(R)
-        n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
+        k_strips, n_tiles = configs.cdiv(K, block_k), configs.cdiv(N, block_n)
         variant = (weight.dtype, A.dtype, B.dtype, unmerge, False, block_r)
-        grid = (n_blocks, _k_programs(n_blocks, k_tiles, 1, weight, variant))
+        grid = (k_strips, _row_programs(k_strips, n_tiles, 1, weight, variant))
         plan = (grid, (block_n, block_k, block_r), variant)
         if waves.known(variant):
             _plans[key] = plan
@@ -147,9 +152,9 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     N, K = w0.shape
     R = a0.shape[0]
     block_n, block_k, block_r = _blocks(R)
-    n_blocks, k_tiles = configs.cdiv(N, block_n), configs.cdiv(K, block_k)
+    k_strips, n_tiles = configs.cdiv(K, block_k), configs.cdiv(N, block_n)
     variant = (w0.dtype, a0.dtype, b0.dtype, unmerge, True, block_r)
-    grid = (n_blocks, _k_programs(n_blocks, k_tiles, len(weights), w0, variant), len(weights))
+    grid = (k_strips, _row_programs(k_strips, n_tiles, len(weights), w0, variant), len(weights))
     scales = to_device_async(scalings, torch.float32, w0.device)
     w_offs, a_offs, b_offs = _offsets_16b(weights, lora_As, lora_Bs)
     kernel = _merge_kernel[grid](
