@@ -53,6 +53,13 @@ def _splitk_partial_kernel(
             a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
                         mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
             xa = tl.dot(x, tl.trans(a.to(x.dtype)), xa, input_precision=DOT_PRECISION)
+    _store_partials(part_ptr, xa_part_ptr, acc, xa, pid_n, pid_s, rm, offs_n, rr, M, N, R)
+
+
+@triton.jit
+def _store_partials(part_ptr, xa_part_ptr, acc, xa, pid_n, pid_s, rm, offs_n, rr, M, N, R):
+    """Slice pid_s of the partial sums: x·Wᵀ for this column block, and x·Aᵀ from column block 0."""
+    m_ok = rm < M
     tl.store(part_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :], acc,
              mask=m_ok[:, None] & (offs_n[None, :] < N))
     if pid_n == 0:
@@ -102,11 +109,8 @@ def _nf4_gemv_partial_kernel(
                         mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
             a = a.to(x.dtype).to(tl.float32)
             xa += x.to(tl.float32)[:, None, :] * a[None, :, :]
-    tl.store(part_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :], tl.sum(acc, axis=2),
-             mask=m_ok[:, None] & (offs_n[None, :] < N))
-    if pid_n == 0:
-        tl.store(xa_part_ptr + (pid_s * M + rm[:, None]) * R + rr[None, :], tl.sum(xa, axis=2),
-                 mask=m_ok[:, None] & (rr[None, :] < R))
+    _store_partials(part_ptr, xa_part_ptr, tl.sum(acc, axis=2), tl.sum(xa, axis=2), pid_n, pid_s, rm, offs_n, rr,
+                    M, N, R)
 
 
 @triton.jit
