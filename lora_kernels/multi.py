@@ -67,29 +67,31 @@ def slot_blocked_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, ne
     """The mixed batch's gradients without a loop over the slots present and without a host sync.
 
     For a block of slots, row m's low-rank terms sit in its own slot's R columns of an (M, slots·R) matrix,
-    zeros elsewhere, so each gradient is one dense GEMM over the stacked adapters: G = s·dy·B[id] masked to
-    its slot, dA = Gᵀ·x, dB = dyᵀ·xa masked (times s), dx += G·A. The zeros cost 4·M·(N+K)·R FLOPs per
-    slot not in the batch, hence the MAX_BLOCKED_COLUMNS bound in multi_lora_bwd (the slot loop above it)."""
+    zeros elsewhere, so each gradient is one dense GEMM over the stacked adapters: with own = s[id] in row
+    m's own columns, G = (dy·B) ⊙ own, dA = Gᵀ·x, dB = dyᵀ·(xa ⊙ own), dx += G·A. The zeros cost
+    4·M·(N+K)·R FLOPs per slot not in the batch, hence the MAX_BLOCKED_COLUMNS bound in multi_lora_bwd (the
+    slot loop above it). Few ops per block: the step is bound by host time at small batches."""
     S, R, K = lora_A.shape
     dt, N = dy.dtype, lora_B.shape[1]
-    dA = torch.empty(lora_A.shape, device=dy.device, dtype=dt)
-    dB = torch.empty(lora_B.shape, device=dy.device, dtype=dt)
     dx = dy @ weight if need_dx else None
-    ids = ids.to(torch.int64)
+    cols = torch.arange(S * R, device=dy.device)
+    col_slot = cols // R                                             # the slot of each (slot, rank) column
+    col_scale = scalings.to(dt)[col_slot]
     per = max(1, BLOCK_COLUMNS // R)
+    dAs, dBs = [], []
     for s0 in range(0, S, per):                         # a loop over shapes only: no data-dependent control
-        n = min(per, S - s0)
-        own = (ids.unsqueeze(1) == torch.arange(s0, s0 + n, device=dy.device)).to(dt)        # (M, n)
-        scale = scalings[s0:s0 + n].to(dt)
-        g = dy @ lora_B[s0:s0 + n].to(dt).permute(1, 0, 2).reshape(N, n * R)
-        g = g * (own * scale).repeat_interleave(R, dim=1)                                    # (M, n·R)
-        dA[s0:s0 + n] = (g.t() @ x2d).view(n, R, K)
-        xa_own = xa.to(dt).repeat(1, n) * own.repeat_interleave(R, dim=1)
-        dB[s0:s0 + n] = (dy.t() @ xa_own).view(N, n, R).permute(1, 0, 2) * scale.view(n, 1, 1)
+        c = slice(s0 * R, min(S, s0 + per) * R)
+        n = (c.stop - c.start) // R
+        own = torch.where(ids.unsqueeze(1) == col_slot[c], col_scale[c], 0.0)                  # (M, n·R)
+        g = (dy @ lora_B[s0:s0 + n].to(dt).permute(1, 0, 2).reshape(N, n * R)) * own
+        dAs.append((g.t() @ x2d).view(n, R, K))
+        dBs.append((dy.t() @ (xa.to(dt).repeat(1, n) * own)).view(N, n, R))
         if need_dx:
             dx.addmm_(g, lora_A[s0:s0 + n].to(dt).reshape(n * R, K))
+    dA = dAs[0] if len(dAs) == 1 else torch.cat(dAs)
+    dB = (dBs[0] if len(dBs) == 1 else torch.cat(dBs, dim=1)).permute(1, 0, 2)
     dbias = dy.sum(0) if need_dbias else None
-    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), dbias
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype, memory_format=torch.contiguous_format), dbias
 
 
 def _setup(ctx, inputs, output):
