@@ -91,7 +91,7 @@ def slot_blocked_backward(dy, x2d, weight, lora_A, lora_B, xa, scalings, ids, ne
     dA = dAs[0] if len(dAs) == 1 else torch.cat(dAs)
     dB = (dBs[0] if len(dBs) == 1 else torch.cat(dBs, dim=1)).permute(1, 0, 2)
     dbias = dy.sum(0) if need_dbias else None
-    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype, memory_format=torch.contiguous_format), dbias
+    return dx, dA.to(lora_A.dtype), dB.contiguous().to(lora_B.dtype), dbias
 
 
 def _setup(ctx, inputs, output):

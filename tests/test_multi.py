@@ -219,6 +219,7 @@ def test_slot_blocked_backward_equals_slot_loop(monkeypatch, block_columns, need
         else:
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
     assert torch.count_nonzero(got[1][3]) == 0 and torch.count_nonzero(got[2][3]) == 0
+    assert all(g is None or g.is_contiguous() for g in got)  # laid out as the parameters they accumulate into
 
 
 @pytest.mark.gpu
