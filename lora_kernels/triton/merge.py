@@ -101,21 +101,23 @@ def _row_programs(k_strips, n_tiles, layers, like, variant) -> int:
     return waves.per_unit(k_strips * layers, n_tiles // 4, like, variant)
 
 
-_plans: dict = {}  # (shape, rank, dtypes, unmerge, device) -> (grid, tiles, variant), once the grid is final
+_plans: dict = {}  # (shape, rank, dtypes, unmerge, device, layers) -> (grid, tiles, variant), once final
 
 
-def _plan(weight, A, B, unmerge):
-    """Grid and tiles of one layer's merge. Kept once the variant's residency is known (its first launch),
-    so a repeated merge spends no host time re-deriving them (~5-10 us of a 4096^2 merge's ~50)."""
+def _plan(weight, A, B, unmerge, layers=0):
+    """Grid and tiles of one layer's merge (layers=0), or of a group's (grid axis 2: its layers). Kept once
+    the variant's residency is known (its first launch), so a repeated merge spends no host time
+    re-deriving them (~5-10 us of a 4096^2 merge's ~50 on a slow host)."""
     N, K = weight.shape
     R = A.shape[0]
-    key = (N, K, R, weight.dtype, A.dtype, B.dtype, unmerge, weight.device)
+    key = (N, K, R, weight.dtype, A.dtype, B.dtype, unmerge, weight.device, layers)
     plan = _plans.get(key)
     if plan is None:
         block_n, block_k, block_r = _blocks(R)
         k_strips, n_tiles = configs.cdiv(K, block_k), configs.cdiv(N, block_n)
-        variant = (weight.dtype, A.dtype, B.dtype, unmerge, False, block_r)
-        grid = (k_strips, _row_programs(k_strips, n_tiles, 1, weight, variant))
+        variant = (weight.dtype, A.dtype, B.dtype, unmerge, layers > 0, block_r)
+        row_programs = _row_programs(k_strips, n_tiles, max(layers, 1), weight, variant)
+        grid = (k_strips, row_programs) + ((layers,) if layers else ())
         plan = (grid, (block_n, block_k, block_r), variant)
         if waves.known(variant):
             _plans[key] = plan
@@ -151,10 +153,7 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     w0, a0, b0 = weights[0], lora_As[0], lora_Bs[0]
     N, K = w0.shape
     R = a0.shape[0]
-    block_n, block_k, block_r = _blocks(R)
-    k_strips, n_tiles = configs.cdiv(K, block_k), configs.cdiv(N, block_n)
-    variant = (w0.dtype, a0.dtype, b0.dtype, unmerge, True, block_r)
-    grid = (k_strips, _row_programs(k_strips, n_tiles, len(weights), w0, variant), len(weights))
+    grid, (block_n, block_k, block_r), variant = _plan(w0, a0, b0, unmerge, layers=len(weights))
     scales = to_device_async(scalings, torch.float32, w0.device)
     w_offs, a_offs, b_offs = _offsets_16b(weights, lora_As, lora_Bs)
     kernel = _merge_kernel[grid](
