@@ -169,12 +169,17 @@ def merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unm
     _merge_impl(weight, lora_A, lora_B, scaling, unmerge, backend)
 
 
+def _eager_untracked(weights, *others) -> bool:
+    """Eager tensors (see _eager) and weights that autograd does not track: an in-place write to a leaf that
+    needs grad must raise, so such weights keep the custom op's checks."""
+    return _eager(*weights, *others) and not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
+
+
 def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, unmerge: bool, backend: str):
     """merge_op; eager calls skip the custom-op layer (~10 µs of host per call, as much as a 4096² merge's
     kernel on a slow host) and bump weight's version themselves, as the op's mutation does, so a backward
     that saved W before the merge still refuses to run with the merged one."""
-    # (a weight that autograd tracks keeps the op's checks: an in-place write to a leaf that needs grad raises)
-    if _eager(weight, lora_A, lora_B) and not (weight.requires_grad and torch.is_grad_enabled()):
+    if _eager_untracked([weight], lora_A, lora_B):
         _merge_impl(weight, lora_A, lora_B, scaling, unmerge, backend)
         torch.autograd.graph.increment_version(weight)
     else:
@@ -205,8 +210,7 @@ def merge_group_op(weights: List[Tensor], lora_As: List[Tensor], lora_Bs: List[T
 def merge_group(weights, lora_As, lora_Bs, scalings, unmerge: bool, backend: str):
     """merge_group_op; eager calls skip the custom-op layer as _merge does (for lists its checks cost ~1 µs
     per tensor) and bump every weight's version themselves."""
-    if _eager(*weights, *lora_As, *lora_Bs) and not (torch.is_grad_enabled()
-                                                     and any(w.requires_grad for w in weights)):
+    if _eager_untracked(weights, *lora_As, *lora_Bs):
         _merge_group_impl(weights, lora_As, lora_Bs, scalings, unmerge, backend)
         for w in weights:
             torch.autograd.graph.increment_version(w)
