@@ -67,7 +67,7 @@ if [[ $STEPS == *sanitize* ]]; then
     echo "$(basename "$f" .log): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases ran' "$f" | tr '\n' ' ')"
   done | tee "$OUT/sanitize_summary.log"
   tar czf "$OUT/sanitize_logs.tgz" -C "$OUT" $(cd "$OUT" && ls sanitize_*.log) && rm -f "$OUT"/sanitize_*_*.log
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING LORA_KERNELS_QUICK_TUNE
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING LORA_KERNELS_QUICK_TUNE TRITON_CACHE_AUTOTUNING  # later steps tune afresh
 fi
 if [[ $STEPS == *soak* ]]; then
   timeout ${SOAK_TIMEOUT:-120} python3 bench/soak.py --steps ${SOAK_STEPS:-10000} --cycles ${SOAK_CYCLES:-10000} \
