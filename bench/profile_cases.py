@@ -163,7 +163,25 @@ def main():
         ids = (torch.arange(M, device=dev) % S).to(torch.int32)
         cases.append((f"multi M={M} adapters={S}", _no_grad(lambda x=x, ids=ids: lk.multi_lora_linear(
             x, bank.weight, bank.lora_A, bank.lora_B, bank.scalings, ids, backend="triton", check_ids=False))))
+    x, ids = torch.randn(64, K, device=dev, dtype=dt, requires_grad=True), torch.arange(64, device=dev).int()
+    A, B = bank.lora_A.detach().requires_grad_(), bank.lora_B.detach().requires_grad_()
+    dy = torch.randn(64, N, device=dev, dtype=dt)
+    cases.append(("multi train M=64 adapters=64", lambda: lk.multi_lora_linear(
+        x, bank.weight, A, B, bank.scalings, ids, backend="triton", check_ids=False).backward(dy)))
     _run_cases(cases)
+    _print_choices()
+
+
+def _print_choices():
+    """What the runs above chose: each Triton GEMM variant's tile (autotuned once per key) and each measured
+    path (split-K / GEMM / multiply-add decode, TMA / pointer feed, ...)."""
+    from lora_kernels.triton import fused_linear, measured
+    print("== tiles chosen by the autotuner (device, M bucket, N, K, R, dtypes, flags):")
+    for key, cfg in fused_linear._tuned_configs.items():
+        print(f"   {key}: {cfg}")
+    print("== measured choices:")
+    for key, pick in measured._chosen.items():
+        print(f"   {key}: {pick}")
 
 
 if __name__ == "__main__":
