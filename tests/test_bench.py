@@ -30,6 +30,21 @@ def test_report_files(tmp_path):
     assert "| forward | 8192×4096×4096 | 16 | 0 | 1.0000 | 1.000 | 1.440 | 1.050 | 0.400 | 2.62 |" in md
 
 
+def test_report_names_rows_where_auto_loses_to_addmm():
+    meta = dict(gpu="g", torch="x", triton="y", sha="s", time="2026-11-23T12:00:00", copy_tbps=3.0,
+                matmul_tflops=700.0)
+
+    def rows(auto_ms):
+        out = []
+        for M in (16, 8192):
+            for prov, ms in (("base", 1.0), ("addmm", 1.2), ("auto", auto_ms if M == 16 else 1.1)):
+                out.append(dict(op="lora_linear", provider=prov, mode="forward", M=M, K=64, N=64, r=16, dropout=0.0,
+                                p50_ms=ms, act_mib=None, floor_ms=0.5, ratio=ms))
+        return out
+    assert "`auto` slower than `addmm`: forward 16×64×64 p=0 (1.250×)." in report.markdown(rows(1.5), meta)
+    assert "`auto` slower than `addmm`: at no row." in report.markdown(rows(1.1), meta)
+
+
 def test_e2e_miniature_loss_curves_agree():
     pytest.importorskip("peft")
     pytest.importorskip("transformers")

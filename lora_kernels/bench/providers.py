@@ -95,10 +95,12 @@ def build(name: str, pb: Problem):
         return torch.compile(layer) if name == "peft_compile" else layer
     if name == "addmm":
         return _addmm(pb)
-    if name in ("triton", "cuda"):
+    if name in ("triton", "cuda", "auto"):
         if name == "triton" and not lk.triton_available():
             return None
         if name == "cuda" and not lk.cuda_ext_available():
+            return None
+        if name == "auto" and not (lk.triton_available() or lk.cuda_ext_available()):
             return None
         return lambda x: lk.lora_linear(x, pb.weight, pb.lora_A, pb.lora_B, pb.scaling, dropout_p=pb.p,
                                         backend=name)
@@ -108,6 +110,7 @@ def build(name: str, pb: Problem):
     raise ValueError(f"unknown provider {name!r}")
 
 
-PROVIDERS = ("base", "peft", "peft_compile", "addmm", "triton", "cuda")
+# auto: what a user gets by default (the faster backend per shape and mode, measured on its first call)
+PROVIDERS = ("base", "peft", "peft_compile", "addmm", "triton", "cuda", "auto")
 # On request (--providers): the Triton backend with its GEMM's feed forced (pointer loads or TMA descriptors)
 FORCED_FEEDS = {"triton_pointers": "pointers", "triton_tma": "tma"}

@@ -24,7 +24,7 @@ def write_jsonl(rows, path):
 
 def markdown(rows, meta) -> str:
     """One line per (mode, shape, r, dropout): each provider's ratio to the base, and ours next to the floor."""
-    order = ["base", "copy", "peft", "peft_compile", "addmm", "triton", "triton_pointers", "triton_tma", "cuda"]
+    order = ["base", "copy", "peft", "peft_compile", "addmm", "triton", "triton_pointers", "triton_tma", "cuda", "auto"]
     present = [p for p in order if any(r["provider"] == p for r in rows)]
     groups = OrderedDict()
     for r in rows:
@@ -40,6 +40,7 @@ def markdown(rows, meta) -> str:
            "| mode | M×K×N | r | p | base ms | " + " | ".join(present) + " | floor | ours/floor | act MiB (" +
            ", ".join(p for p in present if p in ACT_PROVIDERS) + ") |",
            "|" + "---|" * (len(present) + 8)]
+    slower = []  # rows where what users get by default loses to the plain composite
     for (mode, M, K, N, rank, p), by in groups.items():
         base = by.get("base") or by.get("copy")
         if base is None:
@@ -54,6 +55,10 @@ def markdown(rows, meta) -> str:
         out.append(f"| {mode} | {shape} | {rank} | {p:g} | {base['p50_ms']:.4f} | " + " | ".join(cells) +
                    f" | {fl / base['p50_ms']:.3f} | " + (f"{min(ours) / fl:.2f}" if ours else "–") +
                    f" | {acts} |")
+        if "auto" in by and "addmm" in by and by["auto"]["p50_ms"] > by["addmm"]["p50_ms"]:
+            slower.append(f"{mode} {shape} p={p:g} ({by['auto']['p50_ms'] / by['addmm']['p50_ms']:.3f}×)")
+    if any(r["provider"] == "auto" for r in rows) and any(r["provider"] == "addmm" for r in rows):
+        out += ["", "`auto` slower than `addmm`: " + ("; ".join(slower) if slower else "at no row") + "."]
     multi = [r for r in rows if r["mode"] in ("multi", "multi_train")]
     if multi:
         out += ["", "Mixed-adapter batches (K×N = " + f"{multi[0]['K']}×{multi[0]['N']}, r={multi[0]['r']}): "
