@@ -12,6 +12,9 @@ import torch
 import lora_kernels as lk
 
 dev = "cuda"
+# Every path forced, section by section: no path choice is timed under the tools (each would run 20 calls of
+# every candidate), and each kernel runs because a section asks for it.
+os.environ.update(LORA_KERNELS_GEMM="pointers", LORA_KERNELS_DECODE="gemm")
 backends = ["triton"] + (["cuda"] if lk.cuda_ext_available() else [])
 if sys.argv[1:]:
     missing = set(sys.argv[1:]) - set(backends)
@@ -55,7 +58,7 @@ for backend in backends:
             b = torch.randn(136, 33, device=dev).to(adapter_dtype).requires_grad_()
             lk.lora_linear(x, torch.randn(136, 200, device=dev, dtype=torch.bfloat16), a, b, 0.5, dropout_p=p,
                            backend="triton").float().sum().backward()
-        del os.environ["LORA_KERNELS_GEMM"]
+        os.environ["LORA_KERNELS_GEMM"] = "pointers"
         from lora_kernels.nf4 import quantize_nf4  # double-quantised absmax: its decode kernel too
         for M, decode in ((1, "splitk"), (37, "splitk"), (1, "gemv"), (3, "gemv")):
             os.environ["LORA_KERNELS_DECODE"] = decode  # gemv: the multiply-add partials (at most 4 rows)
@@ -65,6 +68,6 @@ for backend in backends:
             b = torch.randn(96, 8, device=dev).requires_grad_()
             for p in (0.0, 0.1):  # p = 0 takes the split-K forward
                 lk.lora4_linear(x, q, a, b, 0.5, dropout_p=p, backend="triton").float().sum().backward()
-        del os.environ["LORA_KERNELS_DECODE"]
+        os.environ["LORA_KERNELS_DECODE"] = "gemm"
 torch.cuda.synchronize()
 print("sanitize cases ran:", backends)
