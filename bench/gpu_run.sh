@@ -7,6 +7,7 @@ set -uo pipefail
 OUT=${OUT:-.gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STEPS=${STEPS:-build,test,bench}
+pids=()  # each step waits for its own processes by pid: a bare `wait` would also wait for GPU 1's steps
 if [[ -n ${GPU1_STEPS:-} ]]; then
   # Two-GPU machines: GPU1_STEPS run on GPU 1 side by side with STEPS on GPU 0 (e.g. the tests next to the
   # benches); GPU 1's logs come back packed in gpu1.tgz, its summary at the end of this one's.
@@ -36,8 +37,9 @@ if [[ $STEPS == *test* ]]; then
     # --timeout (pytest-timeout, where installed) names a test that hangs instead of losing the whole shard
     LORA_KERNELS_TEST_SHARD=$i/$shards timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
       -rfE --tb=short --durations=8 $case_timeout ${TEST_ARGS:-tests} > "$OUT/gpu_tests.shard$i.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"; pids=()
   for ((i = 0; i < shards; i++)); do
     echo "shard $i/$shards: $(tail -1 "$OUT/gpu_tests.shard$i.log")"; grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.shard$i.log"
   done | tee "$OUT/gpu_tests.log"
@@ -54,15 +56,17 @@ if [[ $STEPS == *sanitize* ]]; then
   backends=$(python3 -c "import lora_kernels as lk; print('triton', 'cuda' if lk.cuda_ext_available() else '')")
   for backend in $backends; do
     timeout ${SANITIZE_WARMUP_TIMEOUT:-240} python3 bench/sanitize_cases.py $backend > "$OUT/sanitize_warmup_$backend.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"; pids=()
   for tool in memcheck racecheck synccheck; do
     for backend in $backends; do
       timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $tool --print-limit 20 \
         python3 bench/sanitize_cases.py $backend > "$OUT/sanitize_${tool}_$backend.log" 2>&1 &
+      pids+=($!)
     done
   done
-  wait
+  wait "${pids[@]}"; pids=()
   for f in "$OUT"/sanitize_*_*.log; do
     echo "$(basename "$f" .log): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize cases ran' "$f" | tr '\n' ' ')"
   done | tee "$OUT/sanitize_summary.log"

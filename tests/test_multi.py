@@ -236,6 +236,9 @@ def test_slot_blocked_backward_never_syncs_with_the_host():
         got = multi.slot_blocked_backward(dy, x, w, A, B, xa, scal, ids, True, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    want = reference.multi_lora_backward(dy, x, w, A, B, xa, scal, ids, True, True)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+    # the 2x rule: our bf16 error against float64 within twice the bf16 reference's (a fixed atol failed on
+    # one element in 2304 where the two round the scale at different steps)
+    comp = reference.multi_lora_backward(dy, x, w, A, B, xa, scal, ids, True, True)
+    exact = reference.multi_lora_backward(*(t.double() for t in (dy, x, w, A, B, xa, scal)), ids, True, True)
+    for name, g, c, e in zip(("dx", "dA", "dB", "dbias"), got, comp, exact):
+        _rule(name, g, c, e)
