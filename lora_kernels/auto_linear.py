@@ -62,6 +62,15 @@ def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, drop
     return pick
 
 
+def settled(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
+    """Whether this call's key has its backend for good (chosen by timing or forced by the variable), so the
+    caller may reuse the name for calls with the same metadata."""
+    from .triton import measured
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
+    return measured.decided(_key(x, weight, lora_A, lora_B, bias, dropout_p, training), ENV,
+                            ("cuda", "triton")) is not None
+
+
 def applies(backend: str, name: str, x, scaling_t) -> bool:
     """Whether the measured choice replaces the static one: `auto` picked the CUDA extension for CUDA tensors
     with a float scaling, and Triton is available too."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -241,6 +242,34 @@ def _split_scaling(scaling, device) -> Tuple[float, Optional[Tensor]]:
     return float(scaling), None
 
 
+# Eager calls whose arguments were checked and whose backend was resolved before: the metadata of the call
+# -> the backend that serves it. Checking and resolving again cost ~40 µs of host per call on the H200
+# machine (bench/results/host-profile-h200-20261129-c4adeee.txt), as much as a 2048-row layer's GPU work.
+_RESOLVED: dict = {}
+_RESOLVED_MAX = 4096  # distinct call shapes kept (varying sequence lengths make new ones); then start over
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def _call_key(x, weight, lora_A, lora_B, bias, dropout_p, backend, allow_tf32):
+    """Everything the checks and the backend choice read: shapes, dtypes, devices, which tensors need a
+    gradient, whether autograd records, the options and the variable that forces auto's pick."""
+    return (_meta(x), _meta(weight), _meta(lora_A), _meta(lora_B), _meta(bias), dropout_p, backend, allow_tf32,
+            torch.is_grad_enabled(), os.environ.get(auto_linear.ENV))
+
+
+def _resolve_call(x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, backend):
+    """(backend name, whether later calls with the same metadata may reuse it)."""
+    name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
+    # _eager first: under torch.compile nothing of the timing path may be traced (it would break the graph)
+    if _eager(x, weight, lora_A, lora_B, bias) and auto_linear.applies(backend, name, x, s_t):
+        name = auto_linear.linear_backend(lora_linear, x, weight, lora_A, lora_B, bias, s, dropout_p)
+        return name, auto_linear.settled(x, weight, lora_A, lora_B, bias, dropout_p)
+    return name, True
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling=1.0, bias: Optional[Tensor] = None,
                 *, dropout_p: float = 0.0, backend: str = "auto", allow_tf32: bool = False) -> Tensor:
     """y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias, fused; x is (..., K), W (N, K), A (r, K), B (N, r).
@@ -248,19 +277,30 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     Dropout (probability `dropout_p`) touches the LoRA branch only; its mask is regenerated in
     backward from a seed drawn from torch's generator and is never stored. `weight` must be frozen.
     """
+    key = None
+    if type(scaling) is float and math.isfinite(scaling) and _eager(x, weight, lora_A, lora_B, bias):
+        key = _call_key(x, weight, lora_A, lora_B, bias, dropout_p, backend, allow_tf32)
+        name = _RESOLVED.get(key)
+        if name is not None:
+            return _run(name, x, weight, lora_A, lora_B, bias, scaling, None, float(dropout_p), allow_tf32)
     check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
-    name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
-    # _eager first: under torch.compile nothing of the timing path may be traced (it would break the graph)
-    if _eager(x, weight, lora_A, lora_B, bias) and auto_linear.applies(backend, name, x, s_t):
-        name = auto_linear.linear_backend(lora_linear, x, weight, lora_A, lora_B, bias, s, float(dropout_p))
+    name, reusable = _resolve_call(x, weight, lora_A, lora_B, bias, s, s_t, float(dropout_p), backend)
+    if key is not None and reusable:
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = name
+    return _run(name, x, weight, lora_A, lora_B, bias, s, s_t, float(dropout_p), allow_tf32)
+
+
+def _run(name, x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, allow_tf32):
     if name == "cuda" and s_t is None:
         if _eager(x, weight, lora_A, lora_B, bias):
             # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.
-            return _backends.cuda_backend().eager_linear(x, weight, lora_A, lora_B, bias, s, float(dropout_p))
+            return _backends.cuda_backend().eager_linear(x, weight, lora_A, lora_B, bias, s, dropout_p)
         if torch.compiler.is_compiling():
             x2d = x.reshape(-1, x.shape[-1]).contiguous()
-            y = _backends.cuda_backend().graph_linear(x2d, weight, lora_A, lora_B, bias, s, float(dropout_p))
+            y = _backends.cuda_backend().graph_linear(x2d, weight, lora_A, lora_B, bias, s, dropout_p)
             return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = None
     if dropout_p > 0.0:
@@ -269,7 +309,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     fwd = _EagerLoRA.apply if _eager(x2d, weight, lora_A, lora_B, bias, s_t) else lora_fwd
-    y, _ = fwd(x2d, weight, lora_A, lora_B, bias, s, s_t, float(dropout_p), seed, name, allow_tf32)
+    y, _ = fwd(x2d, weight, lora_A, lora_B, bias, s, s_t, dropout_p, seed, name, allow_tf32)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

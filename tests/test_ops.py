@@ -129,3 +129,32 @@ def test_eager_fast_path_equals_registered_ops(monkeypatch, backend):
         monkeypatch, ops,
         lambda xx, aa, bb, bi: lk.lora_linear(xx, w, aa, bb, 1.5, bi, dropout_p=0.25, backend=backend),
         (x, a, b, bias), "_EagerLoRABackward")
+
+
+def test_repeated_calls_reuse_the_checked_resolution_and_still_refuse_bad_input(monkeypatch):
+    """Eager calls with the metadata of an earlier checked call skip the checks and the backend choice; any
+    change the checks read (shape, dtype, a weight that now needs grad, the options) is a new key, checked."""
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    x, w, a, b, bias = make_inputs(6, 8, 5, 2, torch.float32)
+    first = lk.lora_linear(x, w, a, b, 0.5, bias)
+    assert list(ops._RESOLVED.values()) == ["torch"]
+    with monkeypatch.context() as m:
+        m.setattr(ops, "check_lora_args", lambda *args: pytest.fail("checked again"))
+        assert torch.equal(lk.lora_linear(x, w, a, b, 0.5, bias), first)
+    w.requires_grad_(True)
+    with pytest.raises(ValueError, match="requires_grad"):
+        lk.lora_linear(x, w, a, b, 0.5, bias)
+    w.requires_grad_(False)
+    with pytest.raises(ValueError, match="lora_B"):
+        lk.lora_linear(x, w, a, b[:, :1], 0.5, bias)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lk.lora_linear(x, w, a, b, 0.5, bias, dropout_p=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        lk.lora_linear(x, w, a, b, float("inf"), bias)
+    with pytest.raises(ValueError, match="backend"):
+        lk.lora_linear(x, w, a, b, 0.5, bias, backend="nope")
+    assert len(ops._RESOLVED) == 1, "a refused call was remembered"
+    monkeypatch.setattr(ops, "_RESOLVED_MAX", 2)
+    for rows in (3, 4, 5):
+        lk.lora_linear(x[:rows], w, a, b, 0.5, bias)
+    assert len(ops._RESOLVED) <= 2
