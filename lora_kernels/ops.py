@@ -255,9 +255,11 @@ def _meta(t):
 
 def _call_key(x, weight, lora_A, lora_B, bias, dropout_p, backend, allow_tf32):
     """Everything the checks and the backend choice read: shapes, dtypes, devices, which tensors need a
-    gradient, whether autograd records, the options and the variable that forces auto's pick."""
+    gradient, whether autograd records, the options, the variable that forces auto's pick and whether a CUDA
+    graph is being captured (auto's pick for graphs is by GPU time)."""
     return (_meta(x), _meta(weight), _meta(lora_A), _meta(lora_B), _meta(bias), dropout_p, backend, allow_tf32,
-            torch.is_grad_enabled(), os.environ.get(auto_linear.ENV))
+            torch.is_grad_enabled(), os.environ.get(auto_linear.ENV),
+            x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _resolve_call(x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, backend):

@@ -32,6 +32,13 @@ def timed(monkeypatch):
         fn()
         return state.times[state.calls[first]]
     monkeypatch.setattr(measured, "wall_ms", wall_ms)
+    state.gpu_times = {"cuda": 2.0, "triton": 1.0}
+
+    def gpu_ms(fn, reps=20):
+        first = len(state.calls)
+        fn()
+        return state.gpu_times[state.calls[first]]
+    monkeypatch.setattr(measured, "gpu_ms", gpu_ms)
     state.linear = linear
     return state
 
@@ -105,3 +112,52 @@ def test_auto_on_gpu_gives_the_bits_of_the_backend_it_chose(monkeypatch, p):
     torch.manual_seed(7)
     again = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p, backend=chosen[0])
     assert torch.equal(y, again)
+
+
+def test_graph_captures_take_the_pick_by_gpu_time(timed, monkeypatch):
+    """Forward-only keys get a second pick by GPU time on their first eager call; a capture takes it (a replay
+    has no host time), eager calls keep the wall-time pick, and keys with a backward keep theirs in captures."""
+    x, w, a, b = _inputs()
+    timed.times.update(cuda=1.0, triton=3.0)        # the host-bound eager timing favours the extension
+    timed.gpu_times.update(cuda=2.0, triton=1.0)    # the kernels alone favour Triton
+    with torch.no_grad():
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "cuda"
+        timed.calls.clear()
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton"
+        assert not timed.calls, "timed inside a capture"
+        monkeypatch.setenv(auto_linear.ENV, "cuda")
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "cuda"
+        monkeypatch.delenv(auto_linear.ENV)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "cuda"
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "cuda"  # training: wall only
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and lk.cuda_ext_available()), reason="needs a GPU and the extension")
+def test_cuda_graph_replay_gives_the_bits_of_the_graph_pick(monkeypatch):
+    """A forward captured after an eager warm-up replays the backend picked by GPU time, bit for bit."""
+    from lora_kernels.triton import measured
+    from helpers import make_inputs
+    monkeypatch.setattr(measured, "_chosen", {})
+    monkeypatch.delenv(auto_linear.ENV, raising=False)
+    x, w, a, b, bias = make_inputs(16, 1024, 768, 16, torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        lk.lora_linear(x, w, a, b, 0.5, bias)                     # eager: both picks made here
+        picks = {k[0]: v for k, v in measured._chosen.items() if k[0].startswith("auto linear")}
+        assert set(picks) == {"auto linear", "auto linear, CUDA graph"}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            lk.lora_linear(x, w, a, b, 0.5, bias)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lk.lora_linear(x, w, a, b, 0.5, bias)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = lk.lora_linear(x, w, a, b, 0.5, bias, backend=picks["auto linear, CUDA graph"])
+    assert torch.equal(y, want)

@@ -39,10 +39,13 @@ def test_report_names_rows_where_auto_loses_to_addmm():
         for M in (16, 8192):
             for prov, ms in (("base", 1.0), ("addmm", 1.2), ("auto", auto_ms if M == 16 else 1.1)):
                 out.append(dict(op="lora_linear", provider=prov, mode="forward", M=M, K=64, N=64, r=16, dropout=0.0,
-                                p50_ms=ms, act_mib=None, floor_ms=0.5, ratio=ms))
+                                p20_ms=ms * 0.9, p50_ms=ms, p80_ms=ms * 1.1, act_mib=None, floor_ms=0.5, ratio=ms))
         return out
-    assert "`auto` slower than `addmm`: forward 16×64×64 p=0 (1.250×)." in report.markdown(rows(1.5), meta)
-    assert "`auto` slower than `addmm`: at no row." in report.markdown(rows(1.1), meta)
+    assert ("`auto` slower than `addmm` (median): forward 16×64×64 p=0 (1.250×, beyond the p20-p80 spread)."
+            in report.markdown(rows(1.5), meta))
+    assert ("`auto` slower than `addmm` (median): forward 16×64×64 p=0 (1.042×, within the spread)."
+            in report.markdown(rows(1.25), meta))
+    assert "`auto` slower than `addmm` (median): at no row." in report.markdown(rows(1.1), meta)
 
 
 def test_e2e_miniature_loss_curves_agree():
