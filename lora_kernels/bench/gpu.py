@@ -21,9 +21,14 @@ QUICK = dict(shapes=[(4096, 4096), (4096, 14336), (14336, 4096)], Ms=[1, 16, 204
 
 
 def git_sha() -> str:
+    """HEAD's short hash, with "+modified" when tracked files differ from it (a copied working tree whose
+    git metadata is older than its files would otherwise stamp results with the wrong commit)."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL).returncode == 0
+        return sha if clean else sha + "+modified"
     except Exception:  # noqa: BLE001
         return "unknown"
 
@@ -121,16 +126,21 @@ def bench_merge(K, N, r, dtype, names, log):
     a = torch.randn(r, K, device="cuda") / K**0.5
     b = torch.randn(N, r, device="cuda") / r**0.5
     dst = torch.empty_like(w)
+
+    def pair(backend):  # a merge and its unmerge, as a user switching adapters runs them; timed and halved
+        return lambda: lk.unmerge_(lk.merge_(w, a, b, 2.0, backend=backend), a, b, 2.0, backend=backend)
     fns = {"copy": lambda: dst.copy_(w),
-           "peft": lambda: w.add_(((b @ a) * 2.0).to(dtype))}
+           "peft": lambda: w.add_(((b @ a) * 2.0).to(dtype)).sub_(((b @ a) * 2.0).to(dtype))}
     if "triton" in names and lk.triton_available():
-        fns["triton"] = lambda: lk.merge_(w, a, b, 2.0, backend="triton")
+        fns["triton"] = pair("triton")
     if "cuda" in names and lk.cuda_ext_available():
-        fns["cuda"] = lambda: lk.merge_(w, a, b, 2.0, backend="cuda")
+        fns["cuda"] = pair("cuda")
     rows = []
     for name, fn in fns.items():
         p20, p50, p80 = do_bench(fn, warmup=10, rep=50, quantiles=[0.2, 0.5, 0.8])
-        rows.append(dict(provider=name, p20_ms=p20, p50_ms=p50, p80_ms=p80, act_mib=None, timing="events"))
+        half = 1.0 if name == "copy" else 0.5
+        rows.append(dict(provider=name, p20_ms=p20 * half, p50_ms=p50 * half, p80_ms=p80 * half, act_mib=None,
+                         timing="events"))
     return rows
 
 

@@ -13,7 +13,8 @@ ACT_PROVIDERS = ("base", "peft", "addmm", "triton", "cuda", "auto")
 
 def stem(meta) -> str:
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"]).strip("-").lower()
-    return f"{gpu}-{meta['time'][:10].replace('-', '')}-{meta['sha']}"
+    sha = re.sub(r"[^A-Za-z0-9]+", "-", meta["sha"])  # file names of letters, digits and dashes
+    return f"{gpu}-{meta['time'][:10].replace('-', '')}-{sha}"
 
 
 def write_jsonl(rows, path):
@@ -34,7 +35,8 @@ def markdown(rows, meta) -> str:
     out = [f"GPU {meta['gpu']} · torch {meta['torch']} · triton {meta['triton']} · git {meta['sha']} · "
            f"{meta['time']} · measured ceilings: copy {meta['copy_tbps']:.2f} TB/s, "
            f"bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s", "",
-           "Each cell: time / time of the first column (cuBLAS x@Wᵀ, or a device copy of W for merge), "
+           "Each cell: time / time of the first column (cuBLAS x@Wᵀ, or a device copy of W for merge, where "
+           "a cell is (merge + unmerge) / 2), "
            "median of do_bench. `floor` is max(FLOPs/peak, bytes/bandwidth) over the base time; "
            "`ours/floor` is the best of our backends over the floor. act = activation MiB kept by forward.", "",
            "| mode | M×K×N | r | p | base ms | " + " | ".join(present) + " | floor | ours/floor | act MiB (" +
