@@ -126,18 +126,23 @@ def variants():
     rr_ptrs = {"*": "*bf16", "s_ptr": "*fp32", "out_ptr": "*fp32", "colsum_ptr": "*fp32", "scale_ptr": "*fp32",
                "seed_ptr": "*i64"}
     yield "reduce rows (dA/dB, dbias)", fl._reduce_rows_kernel, rr_ptrs, rr, dict(num_warps=4, num_stages=3)
-    def merge_blocks(r):
-        return dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_R"), mg._blocks(r)))
-    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, PRECISION="tf32x3", STAGES=mg._STAGES, W_VEC=1, A_VEC=1,
-             B_VEC=1, **merge_blocks(16))
-    yield "merge bf16 unmerge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, m, dict(num_warps=4)
-    yield "merge bf16 merge", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, dict(m, UNMERGE=False), \
-        dict(num_warps=4)
+
+    def merge_tiles(r):
+        t = mg._tiles(r)
+        return dict(BLOCK_N=t.block_n, BLOCK_K=t.block_k, BLOCK_R=t.block_r, STAGES=t.stages), \
+            dict(num_warps=t.warps)
+
+    def merge(r, **flags):
+        consts, opts = merge_tiles(r)
+        precision = "bf16x6" if r <= 64 else "tf32x3"  # merge._precision's choice for float32 adapters
+        return {"*": "*fp32", "w_ptr": "*bf16"}, dict(m, PRECISION=precision, **consts, **flags), opts
+    m = dict(UNMERGE=True, INT_TY=tl.int16, GROUPED=False, W_VEC=1, A_VEC=1, B_VEC=1, HALF_TY=tl.bfloat16)
+    yield "merge bf16 unmerge", mg._merge_kernel, *merge(16)
+    yield "merge bf16 merge", mg._merge_kernel, *merge(16, UNMERGE=False)
     for r in (32, 64, 128, 256):
-        yield f"merge bf16 unmerge r={r}", mg._merge_kernel, {"*": "*fp32", "w_ptr": "*bf16"}, \
-            dict(m, **merge_blocks(r)), dict(num_warps=4)
-    yield "merge bf16 unmerge, bf16 adapters", mg._merge_kernel, {"*": "*bf16"}, dict(m, PRECISION="ieee"), \
-        dict(num_warps=4)
+        yield f"merge bf16 unmerge r={r}", mg._merge_kernel, *merge(r)
+    yield "merge bf16 unmerge, bf16 adapters", mg._merge_kernel, {"*": "*bf16"}, \
+        dict(merge(16)[1], PRECISION="native"), merge_tiles(16)[1]
     sk = dict(NF4=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16)
     sk_ptrs = {"*": "*bf16", "part_ptr": "*fp32", "xa_part_ptr": "*fp32", "a_ptr": "*fp32", "absmax_ptr": "*fp32",
                "code_ptr": "*fp32"}
@@ -164,9 +169,9 @@ def variants():
         dict(num_warps=8, num_stages=4)
     yield "NF4 double-quantised absmax decode", nf4_mod._decode_absmax_kernel, {"*": "*fp32", "q_ptr": "*u8"}, \
         dict(BLOCKSIZE2=256, BLOCK=1024), dict(num_warps=4, enable_fp_fusion=False)
-    g = dict(m, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)
     offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}
-    yield "merge bf16 grouped (merge_model)", mg._merge_kernel, offs, g, dict(num_warps=4)
+    _, g, g_opts = merge(16, UNMERGE=False, GROUPED=True, W_VEC=8, A_VEC=4, B_VEC=4)
+    yield "merge bf16 grouped (merge_model)", mg._merge_kernel, offs, g, g_opts
 
 
 def _ptxas_usage(ptx: str):

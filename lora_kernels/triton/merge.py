@@ -3,6 +3,8 @@
 One kernel body serves one layer and a group of same-shape layers (grid axis 2 = layer): a group passes the
 first layer's tensors plus each layer's distance from them in 16-byte units, so the compiler still knows
 every row start is 16-byte aligned and keeps vector loads."""
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -12,17 +14,13 @@ from . import configs, waves
 
 
 @triton.jit
-def _remerge_bits(w, delta, INT_TY: tl.constexpr):
-    return (w.to(tl.float32) + delta).to(w.dtype).to(INT_TY, bitcast=True)
-
-
-@triton.jit
 def _merge_kernel(
     w_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr,
     N, K, R, stride_wn, stride_an, stride_bn, scale,
     UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
+    HALF_TY: tl.constexpr = tl.bfloat16,
 ):
     # Program (k, n) owns column strip k, whose A columns it loads once, and walks the row tiles n,
     # n + row_programs, ...; per tile it reads B's rows (R values each) and W's rows in BLOCK_K-wide segments
@@ -37,6 +35,10 @@ def _merge_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     a = tl.load(a_ptr + rr[:, None] * stride_an + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+    if PRECISION == "bf16x6":
+        a_hi, a_mid, a_lo = _split_bf16(a, HALF_TY)  # once per program: the strip is the program's for life
+    else:
+        a_hi, a_mid, a_lo = a, a, a
     for nt in tl.range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1), num_stages=STAGES):
         rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
@@ -44,55 +46,106 @@ def _merge_kernel(
         w = tl.load(w_ptrs, mask=ok, other=0.0)
         b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
                     mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-        _merge_tile(w, w_ptrs, ok, b, a, scale, UNMERGE, INT_TY, PRECISION)
+        delta = _delta(b, a_hi, a_mid, a_lo, PRECISION, HALF_TY) * scale
+        tl.store(w_ptrs, _merged_tile(w, delta, UNMERGE, INT_TY), mask=ok)
 
 
 @triton.jit
-def _merge_tile(w, w_ptrs, ok, b, a, scale, UNMERGE: tl.constexpr, INT_TY: tl.constexpr, PRECISION: tl.constexpr):
-    """W's tile ← round(w ± s·b·a), stored in place; the same per-element arithmetic wherever the tile lies."""
-    if b.dtype == a.dtype and b.dtype != tl.float32:
-        delta = tl.dot(b, a) * scale  # 16-bit adapters: exact products, float32 sums, on tensor cores
-    else:
-        delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=PRECISION) * scale
-    if UNMERGE:
-        # base = round(w - delta) misses by at most one unit in the last place: re-merged, it must give w's bits
-        # back. Re-merging is monotone in base, so when it overshoots only the neighbour below can hit w and
-        # when it undershoots only the one above: one candidate to test, not two.
-        target = w.to(INT_TY, bitcast=True)
-        wf = w.to(tl.float32)
-        base = (wf - delta).to(w.dtype)
-        again = (base.to(tl.float32) + delta).to(w.dtype)
-        found = again.to(INT_TY, bitcast=True) == target
-        base_bits = base.to(INT_TY, bitcast=True)
-        # one step down in value is one step down in the bits of a positive number, up in those of a negative
-        step = tl.where((again.to(tl.float32) > wf) != (base_bits < 0), -1, 1).to(INT_TY)
-        near = (base_bits + step).to(w.dtype, bitcast=True)
-        out = tl.where((~found) & (_remerge_bits(near, delta, INT_TY) == target), near, base)
-    else:
-        out = (w.to(tl.float32) + delta).to(w.dtype)
-    tl.store(w_ptrs, out, mask=ok)
+def _split_bf16(v, HALF_TY: tl.constexpr):
+    """v (float32) as hi + mid + lo, three bfloat16 values holding its 24 significant bits (the same exponent
+    range). Held as HALF_TY: bfloat16 on the GPU; float32 under the interpreter, whose dot multiplies
+    bfloat16's raw bits as integers (the values, and so the products, are the same)."""
+    hi = v.to(tl.bfloat16)
+    rest = v - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi.to(HALF_TY), mid.to(HALF_TY), lo.to(HALF_TY)
 
 
-_STAGES = 3  # W tiles in flight per program
+@triton.jit
+def _delta(b, a_hi, a_mid, a_lo, PRECISION: tl.constexpr, HALF_TY: tl.constexpr):
+    """b·a in float32, the same products wherever the tile lies (merge and unmerge must agree bit for bit)."""
+    if PRECISION == "bf16x6":
+        # float32 adapters into a 16-bit W: six bfloat16 tensor-core products of the three-way splits,
+        # smallest first; the three dropped (mid·lo, lo·mid, lo·lo) are under 2^-24 of the product, as
+        # float32's own rounding. A's parts come split from the caller.
+        b_hi, b_mid, b_lo = _split_bf16(b.to(tl.float32), HALF_TY)
+        acc = tl.dot(b_hi, a_lo)
+        acc = tl.dot(b_lo, a_hi, acc)
+        acc = tl.dot(b_mid, a_mid, acc)
+        acc = tl.dot(b_hi, a_mid, acc)
+        acc = tl.dot(b_mid, a_hi, acc)
+        return tl.dot(b_hi, a_hi, acc)
+    elif PRECISION == "native":
+        return tl.dot(b, a_hi)  # 16-bit adapters of one dtype: exact products, float32 sums
+    else:
+        return tl.dot(b.to(tl.float32), a_hi.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _merged_tile(w, delta, UNMERGE: tl.constexpr, INT_TY: tl.constexpr):
+    """round(w ± delta) in w's dtype: the same per-element arithmetic wherever the tile lies."""
+    wf = w.to(tl.float32)
+    if not UNMERGE:
+        return (wf + delta).to(w.dtype)
+    # base = round(w - delta) misses by at most one unit in the last place. When w is a merge's output (by the
+    # same delta) some W' re-merges to w's bits, and re-merging is monotone in W': when base's re-merge
+    # overshoots that W' is the neighbour below base, when it undershoots the one above. Without such a W'
+    # (w changed since its merge) the neighbour is as near as base, within one unit either way. Values
+    # are compared as the bits of their exact float32 images: 32-bit integer ops, no 16-bit byte moves.
+    base = (wf - delta).to(w.dtype)
+    base_f = base.to(tl.float32)
+    again = (base_f + delta).to(w.dtype).to(tl.float32)
+    found = again.to(tl.int32, bitcast=True) == wf.to(tl.int32, bitcast=True)
+    # one step down in value is one step down in the bits of a positive number, up in those of a negative
+    down = (again > wf) != (base_f.to(tl.int32, bitcast=True) < 0)
+    near = (base.to(INT_TY, bitcast=True) + tl.where(down, -1, 1).to(INT_TY)).to(w.dtype, bitcast=True)
+    return tl.where(found, base, near)
+
+
+def _HALF_TY():
+    return tl.float32 if configs.interpreting() else tl.bfloat16
+
+
 _INT = {torch.float32: tl.int32, torch.float16: tl.int16, torch.bfloat16: tl.int16}
 
 
-def _precision(w):
-    """float32 adapters into a 16-bit W: three TF32 tensor-core products (about float32's accuracy, far below
-    W's own rounding) instead of the float32 FMA loop, which left the kernel bound by instructions, not
-    bytes. A float32 W keeps exact float32 products."""
-    return "ieee" if w.dtype == torch.float32 else "tf32x3"
+def _precision(w, A, B):
+    """How the kernel forms b·a. A float32 W keeps exact float32 products; 16-bit adapters of one dtype go to
+    the tensor cores as they are; any other mix into a 16-bit W as six bfloat16 products of three-way splits
+    (float32's accuracy), A's split once per program. The float32 FMA loop left the kernel bound by
+    instructions; Triton's TF32x3 re-split A and re-read it from shared memory on every tile."""
+    if w.dtype == torch.float32:
+        return "ieee"
+    if A.dtype == B.dtype and A.dtype != torch.float32:
+        return "native"
+    # from rank 128 six products per element cost more than TF32x3's three and its shared-memory reloads
+    # (sm_90a SASS: 214 against 196 instructions per element at rank 128)
+    return "bf16x6" if A.shape[0] <= 64 else "tf32x3"
 
 
-def _blocks(R):
-    """(BLOCK_N, BLOCK_K, BLOCK_R): 16 rows per tile and W row segments as wide as the program's A strip
-    (BLOCK_R x BLOCK_K, held for its life) allows at 4K values: 256 columns at rank 16, 32 from rank 128.
-    sm_90a, float32 adapters, unmerge: 128 / 121 / 150 / 179 / 255 registers for ranks 16-256, no spills
-    (taller tiles reached 193-255 registers and spilled from rank 128)."""
+class Tiles(NamedTuple):
+    block_n: int
+    block_k: int
+    block_r: int
+    warps: int
+    stages: int  # W tiles in flight per program
+
+
+TILE_OVERRIDE = None  # a Tiles for every call (a tile sweep's hook), else _tiles' choice
+
+
+def _tiles(R) -> Tiles:
+    """16 rows per tile and W row segments as wide as the program's A strip (BLOCK_R x BLOCK_K, held for its
+    life) allows at 4K values: 256 columns at rank 16, 32 from rank 128. sm_90a, float32 adapters, unmerge
+    at rank 16: 126 registers, 23 instructions per element (taller tiles reached 193-255 registers and
+    spilled from rank 128)."""
+    if TILE_OVERRIDE is not None:
+        return TILE_OVERRIDE
     block_r = max(16, configs.next_pow2(R))
     if configs.interpreting():
-        return 16, 32, block_r
-    return 16, min(256, max(32, 4096 // block_r)), block_r
+        return Tiles(16, 32, block_r, 4, 3)
+    return Tiles(16, min(256, max(32, 4096 // block_r)), block_r, 4, 3)
 
 
 def _row_programs(k_strips, n_tiles, layers, like, variant) -> int:
@@ -113,27 +166,32 @@ def _plan(weight, A, B, unmerge, layers=0):
     key = (N, K, R, weight.dtype, A.dtype, B.dtype, unmerge, weight.device, layers)
     plan = _plans.get(key)
     if plan is None:
-        block_n, block_k, block_r = _blocks(R)
-        k_strips, n_tiles = configs.cdiv(K, block_k), configs.cdiv(N, block_n)
-        variant = (weight.dtype, A.dtype, B.dtype, unmerge, layers > 0, block_r)
+        tiles = _tiles(R)
+        k_strips, n_tiles = configs.cdiv(K, tiles.block_k), configs.cdiv(N, tiles.block_n)
+        variant = (weight.dtype, A.dtype, B.dtype, unmerge, layers > 0, tiles)
         row_programs = _row_programs(k_strips, n_tiles, max(layers, 1), weight, variant)
         grid = (k_strips, row_programs) + ((layers,) if layers else ())
-        plan = (grid, (block_n, block_k, block_r), variant)
+        plan = (grid, tiles, variant)
         if waves.known(variant):
             _plans[key] = plan
     return plan
 
 
+def _launch(plan, w, A, B, offsets, scales, scaling, unmerge, vec):
+    grid, tiles, variant = plan
+    N, K = w.shape
+    kernel = _merge_kernel[grid](
+        w, A, B, *offsets, scales, N, K, A.shape[0], w.stride(0), A.stride(0), B.stride(0), scaling,
+        UNMERGE=unmerge, INT_TY=_INT[w.dtype], GROUPED=len(grid) == 3, PRECISION=_precision(w, A, B),
+        W_VEC=vec[0], A_VEC=vec[1], B_VEC=vec[2], BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_R=tiles.block_r, STAGES=tiles.stages, HALF_TY=_HALF_TY(), num_warps=tiles.warps)
+    waves.note(kernel, w, variant)
+
+
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
-    N, K = weight.shape
     A = lora_A.contiguous()
     B = lora_B.contiguous()
-    grid, (block_n, block_k, block_r), variant = _plan(weight, A, B, unmerge)
-    kernel = _merge_kernel[grid](weight, A, B, weight, weight, weight, weight, N, K, A.shape[0], weight.stride(0),
-                                 A.stride(0), B.stride(0), float(scaling), UNMERGE=unmerge, INT_TY=_INT[weight.dtype],
-                                 GROUPED=False, PRECISION=_precision(weight), W_VEC=1, A_VEC=1, B_VEC=1,
-                                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
-    waves.note(kernel, weight, variant)
+    _launch(_plan(weight, A, B, unmerge), weight, A, B, (weight,) * 3, weight, float(scaling), unmerge, (1, 1, 1))
 
 
 def _offsets_16b(*lists):
@@ -151,15 +209,8 @@ def merge_group_(weights, lora_As, lora_Bs, scalings, unmerge):
     """merge_ on every layer of a group in one launch: same shape, dtypes and strides; no two weights overlap;
     every tensor contiguous and 16-byte aligned (the caller groups them so)."""
     w0, a0, b0 = weights[0], lora_As[0], lora_Bs[0]
-    N, K = w0.shape
-    R = a0.shape[0]
-    grid, (block_n, block_k, block_r), variant = _plan(w0, a0, b0, unmerge, layers=len(weights))
+    plan = _plan(w0, a0, b0, unmerge, layers=len(weights))
     scales = to_device_async(scalings, torch.float32, w0.device)
-    w_offs, a_offs, b_offs = _offsets_16b(weights, lora_As, lora_Bs)
-    kernel = _merge_kernel[grid](
-        w0, a0, b0, w_offs, a_offs, b_offs, scales,
-        N, K, R, w0.stride(0), a0.stride(0), b0.stride(0), 0.0,
-        UNMERGE=unmerge, INT_TY=_INT[w0.dtype], GROUPED=True, PRECISION=_precision(w0),
-        W_VEC=16 // w0.element_size(), A_VEC=16 // a0.element_size(), B_VEC=16 // b0.element_size(),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, STAGES=_STAGES, num_warps=4)
-    waves.note(kernel, w0, variant)
+    offsets = _offsets_16b(weights, lora_As, lora_Bs)
+    _launch(plan, w0, a0, b0, offsets, scales, 0.0, unmerge,
+            tuple(16 // t.element_size() for t in (w0, a0, b0)))
