@@ -21,19 +21,20 @@ def dequant_pairs(b_ptr, absmax_ptr, code_ptr, rows, row_ok, c0, row_len,
                   ROWS: tl.constexpr, COLS: tl.constexpr):
     """float32 (ROWS, COLS // 2) twice: W[rows, c0 + 2j] and W[rows, c0 + 2j + 1], columns wrapped modulo
     row_len (row_len % 64 == 0; c0 a multiple of COLS, COLS a power of two). Rows outside row_ok read
-    row 0 and must be masked by the caller's use (their values are finite)."""
-    byte, am = load_pairs(b_ptr, absmax_ptr, rows, row_ok, c0, row_len, ROWS, COLS)
-    return decode_pairs(byte, am, tl.load(code_ptr + tl.arange(0, 16)), ROWS, COLS)
+    row 0 and must be masked by the caller's use (their values are finite).
 
-
-@triton.jit
-def load_pairs(b_ptr, absmax_ptr, rows, row_ok, c0, row_len, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The packed bytes (ROWS, COLS // 2) and the absmax of each, as dequant_pairs reads them: a caller may
-    issue the next tile's loads before decoding this one (wrapped columns keep every load in bounds)."""
+    Each packed byte is decoded in the layout it was loaded in: its two codes are looked up in the 16-entry
+    table held in shared memory (tl.gather: one conflict-free LDS per element, the table loaded once and
+    hoisted out of the caller's loop) and both scaled by the block's absmax. A tl.load(code_ptr + codes)
+    gather here became, in the pipelined main loops, one 4-byte cp.async per element plus a shared-memory
+    layout conversion of a tensor of 64-bit pointers."""
     HALF: tl.constexpr = COLS // 2
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
     pairs = (c0 // 2 + tl.arange(0, HALF)) % (row_len // 2)
-    byte = tl.load(b_ptr + rows[:, None] * (row_len // 2) + pairs[None, :])
+    byte = tl.load(b_ptr + rows[:, None] * (row_len // 2) + pairs[None, :]).to(tl.int32)
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    hi = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
+    lo = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (ROWS * HALF,)), 0), (ROWS, HALF))
     blocks_per_row = row_len // 64
     if COLS <= 64:
         # the tile's columns lie in one 64-element block (wrapped columns are masked by the caller)
@@ -42,24 +43,6 @@ def load_pairs(b_ptr, absmax_ptr, rows, row_ok, c0, row_len, ROWS: tl.constexpr,
         GROUPS: tl.constexpr = COLS // 64
         g = (c0 // 64 + tl.arange(0, GROUPS)) % blocks_per_row
         am = tl.load(absmax_ptr + rows[:, None] * blocks_per_row + g[None, :])
-    return byte, am
-
-
-@triton.jit
-def decode_pairs(byte, am, table, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(load_pairs' bytes and absmax, the 16-entry code table) -> W's even and odd columns, float32.
-
-    Each packed byte is decoded in the layout it was loaded in: its two codes are looked up in the table held
-    in shared memory (tl.gather: one conflict-free LDS per element, the table loaded once and hoisted out
-    of the caller's loop) and both scaled by the block's absmax. A tl.load(code_ptr + codes) gather here
-    became, in the pipelined main loops, one 4-byte cp.async per element plus a shared-memory layout
-    conversion of a tensor of 64-bit pointers."""
-    HALF: tl.constexpr = COLS // 2
-    byte = byte.to(tl.int32)
-    hi = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
-    lo = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (ROWS * HALF,)), 0), (ROWS, HALF))
-    if COLS > 64:
-        GROUPS: tl.constexpr = COLS // 64
         am = tl.reshape(tl.broadcast_to(am[:, :, None], (ROWS, GROUPS, 32)), (ROWS, HALF))
     return hi * am, lo * am  # high nibble of byte j: column 2j, low nibble: 2j + 1
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import configs, measured, waves
-from .nf4_tile import NF4Operand, decode_pairs, dequant_rows, load_pairs
+from .nf4_tile import NF4Operand, dequant_pairs, dequant_rows
 
 MAX_ROWS = 64
 MAX_RANK = 128
@@ -87,37 +87,20 @@ def _nf4_gemv_partial_kernel(
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
     # element-wise sums over the K loop, reduced across lanes once after it (a reduction per step cost
-    # hundreds of shuffles and barriers per tile). One row keeps them in the bytes' own 2-D layout: the 3-D
-    # form moved every decoded tile through shared memory (two layout conversions, 12 barriers per step).
+    # hundreds of shuffles and barriers per tile)
     acc = tl.zeros((ROWS, BLOCK_N, HALF), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
     xa = tl.zeros((ROWS, BLOCK_R, BLOCK_K), dtype=tl.float32)
-    table = tl.load(code_ptr + tl.arange(0, 16))
     k_start = pid_s * K_PER_SPLIT
-    # the next step's bytes are loaded before this step's are decoded, so each program keeps two steps of
-    # W in flight (a load past the split's end wraps to valid bytes and is never used)
-    byte, am = load_pairs(w_ptr, absmax_ptr, rn, rn >= 0, k_start, K, BLOCK_N, BLOCK_K)
     for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
-        next_byte, next_am = load_pairs(w_ptr, absmax_ptr, rn, rn >= 0, k0 + BLOCK_K, K, BLOCK_N, BLOCK_K)
-        even, odd = decode_pairs(byte, am, table, BLOCK_N, BLOCK_K)
+        even, odd = dequant_pairs(w_ptr, absmax_ptr, code_ptr, rn, rn >= 0, k0, K, BLOCK_N, BLOCK_K)
         ke = k0 + 2 * rj
-        if ROWS == 1:
-            # x's columns 2j and 2j + 1 as one 4-byte word, in the bytes' layout: no shared-memory round trip
-            # (gemv_applies: x 4-byte aligned); columns past K wrapped to finite values in W: x is 0 there
-            word = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 2 + rj), mask=ke < K, other=0)
-            x_e = (word & 0xFFFF).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-            x_o = (word >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-            acc1 += (even.to(x_e.dtype).to(tl.float32) * x_e.to(tl.float32)[None, :]
-                     + odd.to(x_e.dtype).to(tl.float32) * x_o.to(tl.float32)[None, :])
-        else:
-            ok = m_ok[:, None] & (ke[None, :] < K)
-            x_ptrs = x_ptr + rm[:, None] * stride_xm + ke[None, :]
-            x_e = tl.load(x_ptrs, mask=ok, other=0.0)
-            x_o = tl.load(x_ptrs + 1, mask=ok, other=0.0)
-            even = even.to(x_e.dtype).to(tl.float32)
-            odd = odd.to(x_e.dtype).to(tl.float32)
-            acc += even[None, :, :] * x_e.to(tl.float32)[:, None, :] + odd[None, :, :] * x_o.to(tl.float32)[:, None, :]
-        byte, am = next_byte, next_am
+        ok = m_ok[:, None] & (ke[None, :] < K)  # columns past K wrapped to finite values: x is 0 there
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + ke[None, :]
+        x_e = tl.load(x_ptrs, mask=ok, other=0.0)
+        x_o = tl.load(x_ptrs + 1, mask=ok, other=0.0)
+        even = even.to(x_e.dtype).to(tl.float32)
+        odd = odd.to(x_e.dtype).to(tl.float32)
+        acc += even[None, :, :] * x_e.to(tl.float32)[:, None, :] + odd[None, :, :] * x_o.to(tl.float32)[:, None, :]
         if pid_n == 0:
             k_ok = (k0 + rk) < K
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
@@ -126,8 +109,6 @@ def _nf4_gemv_partial_kernel(
                         mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
             a = a.to(x.dtype).to(tl.float32)
             xa += x.to(tl.float32)[:, None, :] * a[None, :, :]
-    if ROWS == 1:
-        acc = acc1[None, :, :]
     _store_partials(part_ptr, xa_part_ptr, tl.sum(acc, axis=2), tl.sum(xa, axis=2), pid_n, pid_s, rm, offs_n, rr,
                     M, N, R)
 
@@ -181,8 +162,7 @@ def applies(x2d, weight, lora_A, dropout_on: bool) -> bool:
 
 def gemv_applies(x2d, weight) -> bool:
     """The multiply-add partials serve a 4-bit W (whole absmax blocks per row) and at most GEMV_MAX_ROWS rows."""
-    return (isinstance(weight, NF4Operand) and x2d.shape[0] <= GEMV_MAX_ROWS and x2d.stride(1) == 1
-            and x2d.data_ptr() % 4 == 0)
+    return isinstance(weight, NF4Operand) and x2d.shape[0] <= GEMV_MAX_ROWS
 
 
 def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=False):
