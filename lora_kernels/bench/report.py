@@ -37,7 +37,8 @@ def markdown(rows, meta) -> str:
            f"bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s", "",
            "Each cell: time / time of the first column (cuBLAS x@Wᵀ, or a device copy of W for merge, where "
            "a cell is (merge + unmerge) / 2), "
-           "median of do_bench. `floor` is max(FLOPs/peak, bytes/bandwidth) over the base time; "
+           "median of do_bench (forward and train rows: the best of 3 rounds in which a row's providers take "
+           "turns). `floor` is max(FLOPs/peak, bytes/bandwidth) over the base time; "
            "`ours/floor` is the best of our backends over the floor. act = activation MiB kept by forward.", "",
            "| mode | M×K×N | r | p | base ms | " + " | ".join(present) + " | floor | ours/floor | act MiB (" +
            ", ".join(p for p in present if p in ACT_PROVIDERS) + ") |",
