@@ -17,6 +17,7 @@ def timed(monkeypatch):
     """Calls per backend, and a stand-in timer that reports `times[backend]` for whichever backend ran."""
     from lora_kernels.triton import measured
     monkeypatch.setattr(measured, "_chosen", {})
+    monkeypatch.setattr(measured, "_timings", {})
     monkeypatch.setattr(measured.configs, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
@@ -62,6 +63,15 @@ def test_faster_backend_chosen_once_per_shape_and_mode_without_a_trace(timed):
     with torch.no_grad():  # forward only: a key of its own, timed on its own
         assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "cuda"
     assert auto_linear.linear_backend(timed.linear, x[:3], w, a, b, None, 0.5, 0.1) == "cuda"  # another row bucket
+
+
+def test_the_choice_is_logged_with_the_times_that_decided_it(timed, monkeypatch, caplog):
+    monkeypatch.setattr(auto_linear._backends, "_said", set())
+    x, w, a, b = _inputs()
+    with caplog.at_level("INFO", logger=auto_linear._backends.log.name):
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton"
+    line = next(r.getMessage() for r in caplog.records if "fused linear" in r.getMessage())
+    assert "-> triton backend" in line and "cuda 2.000 ms" in line and "triton 1.000 ms" in line, line
 
 
 def test_forced_by_environment_and_never_timed_inside_a_backward(timed, monkeypatch):

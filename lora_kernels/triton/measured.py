@@ -18,6 +18,7 @@ import torch
 from . import configs
 
 _chosen: dict = {}
+_timings: dict = {}  # key -> {name: best ms} of the timing that decided it, for the log line that reports it
 # Paths are timed in turn this many times and each keeps its best time: on the H200 machine single timings
 # of host-bound calls varied by 10-50 % between runs, enough to pick the slower path now and then.
 ROUNDS = 3
@@ -61,9 +62,10 @@ def decided(key, env: str, names) -> "str | None":
 
 def choose(key, options: dict, default: str, env: str, by: str = "wall") -> str:
     """The name in `options` (name -> zero-argument callable) that runs `key`'s shape fastest, by `wall_ms`
-    (by="wall") or `gpu_ms` (by="gpu"). The variable `env` forces a name. Nothing is timed, and `default` is returned undecided, under the Triton
-    interpreter, inside CUDA-graph capture or in sync-debug mode (timing would synchronise). A path that
-    raises while timed is left out with a warning; if every path raises, the default's error is raised."""
+    (by="wall") or `gpu_ms` (by="gpu"). The variable `env` forces a name. Nothing is timed, and `default` is
+    returned undecided, under the Triton interpreter, inside CUDA-graph capture or in sync-debug mode (timing
+    would synchronise). A path that raises while timed is left out with a warning; if every path raises, the
+    default's error is raised."""
     forced = os.environ.get(env)
     if forced in options:
         return forced
@@ -89,4 +91,10 @@ def choose(key, options: dict, default: str, env: str, by: str = "wall") -> str:
             warnings.warn(f"lora_kernels: the {name!r} path failed on {key} ({type(e).__name__}: "
                           f"{str(e)[:200]}); using {min(times, key=times.get)!r} for this shape", stacklevel=3)
         pick = _chosen[key] = min(times, key=times.get)
+        _timings[key] = times
     return pick
+
+
+def timings(key) -> str:
+    """The times that decided `key`, as "name 1.234 ms, ..." (empty when forced or not timed)."""
+    return ", ".join(f"{name} {ms:.3f} ms" for name, ms in sorted(_timings.get(key, {}).items()))
