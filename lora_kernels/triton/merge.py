@@ -103,7 +103,7 @@ def _merged_tile(w, delta, UNMERGE: tl.constexpr, INT_TY: tl.constexpr):
     return tl.where(found, base, near)
 
 
-def _HALF_TY():
+def _half_ty():
     return tl.float32 if configs.interpreting() else tl.bfloat16
 
 
@@ -188,7 +188,7 @@ def _launch(plan, w, A, B, offsets, scales, scaling, unmerge, vec):
         w, A, B, *offsets, scales, N, K, A.shape[0], w.stride(0), A.stride(0), B.stride(0), scaling,
         UNMERGE=unmerge, INT_TY=_INT[w.dtype], GROUPED=len(grid) == 3, PRECISION=_precision(w, A, B),
         W_VEC=vec[0], A_VEC=vec[1], B_VEC=vec[2], BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=tiles.block_r, STAGES=tiles.stages, HALF_TY=_HALF_TY(), num_warps=tiles.warps)
+        BLOCK_R=tiles.block_r, STAGES=tiles.stages, HALF_TY=_half_ty(), num_warps=tiles.warps)
     waves.note(kernel, w, variant)
 
 
