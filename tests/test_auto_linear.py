@@ -28,11 +28,11 @@ def timed(monkeypatch):
         state.calls.append(backend)
         return lk.lora_linear(x, w, a, b, s, bias, dropout_p=dropout_p, backend="torch")
 
-    def wall_ms(fn, reps=20):
+    def cold_ms(fn, reps=10):
         first = len(state.calls)
         fn()
         return state.times[state.calls[first]]
-    monkeypatch.setattr(measured, "wall_ms", wall_ms)
+    monkeypatch.setattr(measured, "cold_ms", cold_ms)
     state.gpu_times = {"cuda": 2.0, "triton": 1.0}
 
     def gpu_ms(fn, reps=20):

@@ -81,7 +81,7 @@ def test_path_rule_forced_measured_and_safe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     # decode variants are timed on the GPU alone (host time hidden): measured.gpu_ms
     monkeypatch.setattr(measured, "gpu_ms", lambda fn: fn())
-    monkeypatch.setattr(measured, "wall_ms", lambda fn: -fn())                      # would pick the slower one
+    monkeypatch.setattr(measured, "cold_ms", lambda fn: -fn())                      # would pick the slower one
     assert splitk.choose_path(("k",), lambda: 2.0, lambda: 1.0) == "splitk"          # the faster one, kept
     assert splitk.choose_path(("k",), lambda: 1.0, lambda: 2.0) == "splitk"
     assert measured._chosen == {("decode", "k"): "splitk"}
