@@ -192,6 +192,9 @@ TORCH_LIBRARY(lora_kernels, m) {
         " float scaling, bool need_dx, bool need_dbias, float dropout_p=0.0, Tensor? seed=None)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  // CUDA only: the 4-bit (NF4) forward for 1 to 4 rows (cuda/decode.cu); the Python layer picks it by timing.
+  m.def("nf4_decode(Tensor x, Tensor packed, Tensor absmax, Tensor code, int N, Tensor lora_A, Tensor lora_B,"
+        " Tensor? bias, float scaling) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {

@@ -82,3 +82,8 @@ def backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, scaling_t, dropout_p,
 
 def merge_(weight, lora_A, lora_B, scaling, unmerge):
     _ops.merge_weight_(weight, lora_A, lora_B, float(scaling), unmerge)
+
+
+def nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, scaling: float):
+    """(y, xa float32) for a 4-bit W and 1 to 4 rows (csrc/cuda/decode.cu)."""
+    return _ops.nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, float(scaling))

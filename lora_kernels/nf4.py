@@ -198,6 +198,9 @@ def _pick(tri, key, tiled, dense) -> str:
 
 def _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend):
     args = (lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed)
+    if backend == "cuda":  # only for the calls decode_by_extension accepts
+        return _backends.cuda_backend().nf4_decode(x, packed, absmax, code_table(x.device), N, lora_A, lora_B,
+                                                   bias, scaling)
     if backend == "triton":
         tri = _backends.module("triton")
         w = _operand(packed, absmax, N, K)
@@ -231,6 +234,8 @@ def lora4_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, N: int, K: 
 def _backward4_impl(dy, x, packed, absmax, N, K, lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx,
                     need_dbias, backend):
     rest = (lora_A, lora_B, xa, scaling, scaling_t, dropout_p, seed, need_dx, need_dbias)
+    if backend == "cuda":  # the extension has a 4-bit forward for decode only; Triton's backward serves it
+        backend = "triton" if _backends.triton_available() else "torch"
     if backend == "triton":
         tri = _backends.module("triton")
         w = _operand(packed, absmax, N, K)
@@ -285,17 +290,55 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     N, K = qweight.shape
     check_lora_shapes(x, N, K, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
-    if backend == "cuda":
-        raise NotImplementedError("backend='cuda': no 4-bit CUDA kernel yet; use backend='triton' or 'auto'")
-    name = _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
-    seed = dropout_seed(x, lora_A) if dropout_p > 0.0 else None
     x2d = x.reshape(-1, K)
+    if x2d.is_cuda and x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    packed = qweight.packed.reshape(-1)
+    decode = _extension_decode_fits(x2d, packed, K, lora_A, lora_B, s_t, dropout_p)
+    if backend == "cuda" and not decode:
+        raise NotImplementedError("backend='cuda': the extension's 4-bit kernel serves 1 to 4 rows of a CUDA x "
+                                  "(in_features a multiple of 64, no dropout, a float scaling); use 'triton' or "
+                                  "'auto'")
+    name = backend if backend == "cuda" else _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
+    seed = dropout_seed(x, lora_A) if dropout_p > 0.0 else None
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    packed, absmax = qweight.packed.reshape(-1), qweight.kernel_absmax()
-    fwd = _EagerLoRA4.apply if _eager(x2d, packed, absmax, lora_A, lora_B, bias, s_t) else lora4_fwd
+    absmax = qweight.kernel_absmax()
+    eager = _eager(x2d, packed, absmax, lora_A, lora_B, bias, s_t)
+    if backend == "auto" and decode and eager and name == "triton":
+        name = _decode_backend(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s)
+    fwd = _EagerLoRA4.apply if eager else lora4_fwd
     y, _ = fwd(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s, s_t, float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], N)
+
+
+DECODE_ENV = "LORA_KERNELS_NF4_DECODE"  # cuda|triton forces auto's pick for 4-bit decode
+
+
+def _extension_decode_fits(x2d, packed, K, lora_A, lora_B, s_t, dropout_p) -> bool:
+    """Whether the extension's 4-bit decode kernel serves this call: 1 to 4 rows of a 16/32-bit CUDA x, whole
+    absmax blocks per row, 16-byte aligned x rows and packed bytes, no dropout, a float scaling, adapters in
+    x's dtype or float32 (one dtype)."""
+    return (x2d.is_cuda and 1 <= x2d.shape[0] <= 4 and K % 64 == 0 and dropout_p == 0.0 and s_t is None
+            and x2d.stride(-1) == 1 and x2d.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
+            and x2d.dtype != torch.float64 and lora_A.dtype == lora_B.dtype
+            and lora_A.dtype in (x2d.dtype, torch.float32) and not torch.compiler.is_compiling()
+            and _backends.cuda_ext_available())
+
+
+def _decode_backend(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s) -> str:
+    """'cuda' or 'triton' for a 4-bit decode call, by GPU time on its first eager call (decode is served
+    under CUDA graphs, where only GPU time counts); LORA_KERNELS_NF4_DECODE forces one."""
+    from .triton import measured
+    key = ("nf4 decode", x2d.device, x2d.shape[0], N, K, lora_A.shape[0], x2d.dtype, lora_A.dtype,
+           bias is not None)
+    options = {name: functools.partial(_forward4_impl, x2d, packed, absmax, N, K, lora_A, lora_B, bias, s, None,
+                                       0.0, None, name) for name in ("cuda", "triton")}
+    with torch.no_grad():  # timed calls record nothing
+        pick = measured.choose(key, options, "triton", DECODE_ENV, by="gpu")
+    _backends._once(("nf4 decode", key), f"lora_kernels: 4-bit decode {tuple(x2d.shape)}x({N}, {K}) -> {pick} "
+                    f"({measured.timings(key) or 'forced or not timed'})")
+    return pick
 
 
 class FusedLoRALinear4bit(nn.Module):

@@ -114,14 +114,14 @@ def test_dequantize_kernel_equals_reference(dev, dtype):
     assert torch.equal(got, nf4.dequantize_nf4(q, dtype))
 
 
-def _check_4bit_op(backend, dev, dtype, shape, p):
+def _check_4bit_op(backend, dev, dtype, shape, p, adapter_dtype=torch.float32, bias=True, double_quant=True):
     M, K, N, r = shape
-    q = nf4.quantize_nf4(torch.randn(N, K, device=dev) / K**0.5)
+    q = nf4.quantize_nf4(torch.randn(N, K, device=dev) / K**0.5, double_quant=double_quant)
     w = nf4.dequantize_nf4(q, dtype)                 # the oracle's W: the dequantised weight
     x = torch.randn(M, K, device=dev).to(dtype)
-    a = (torch.randn(r, K, device=dev) / K**0.5)
-    b = torch.randn(N, r, device=dev) / r**0.5
-    bias = torch.randn(N, device=dev).to(dtype)
+    a = (torch.randn(r, K, device=dev) / K**0.5).to(adapter_dtype)
+    b = (torch.randn(N, r, device=dev) / r**0.5).to(adapter_dtype)
+    bias = torch.randn(N, device=dev).to(dtype) if bias else None
     torch.manual_seed(9)
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=dev) if p > 0 else None
 
@@ -140,6 +140,36 @@ def _check_4bit_op(backend, dev, dtype, shape, p):
         err = (g_.double() - e_).norm().item()
         tol = 2 * (c_.double() - e_).norm().item() + 1e-6 * max(e_.numel() ** 0.5, e_.norm().item())
         assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not lk.cuda_ext_available(), reason="needs the CUDA extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(8))
+def test_extension_4bit_decode_oracle(dtype, case):
+    """The extension's 4-bit decode kernel (1-4 rows) against the dequantised-W oracle; its backward runs
+    through Triton."""
+    M = [1, 2, 3, 4][case % 4]
+    K, N, r = [(64, 1, 1), (320, 33, 8), (4096, 4096, 16), (1024, 300, 33)][case // 2]
+    _check_4bit_op("cuda", "cuda", dtype, (M, K, N, r), 0.0, adapter_dtype=torch.float32 if case % 3 else dtype,
+                   bias=case % 2 == 0, double_quant=case % 3 != 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not lk.cuda_ext_available(), reason="needs the CUDA extension")
+def test_auto_4bit_decode_is_timed_once_and_matches_the_oracle(monkeypatch):
+    from lora_kernels.triton import measured
+    monkeypatch.setattr(measured, "_chosen", {})
+    _check_4bit_op("auto", "cuda", torch.bfloat16, (1, 4096, 1024, 16), 0.0)
+    picks = [v for k, v in measured._chosen.items() if k[0] == "nf4 decode"]
+    assert picks and set(picks) <= {"cuda", "triton"}
+
+
+def test_extension_4bit_backend_refuses_what_its_kernel_does_not_serve():
+    q = nf4.quantize_nf4(torch.randn(32, 64))
+    a, b = torch.randn(4, 64), torch.randn(32, 4)
+    with pytest.raises(NotImplementedError, match="1 to 4 rows of a CUDA x"):
+        nf4.lora4_linear(torch.randn(2, 64), q, a, b, 1.0, backend="cuda")  # a CPU x
 
 
 def test_module_4bit_trains_and_reports_size():

@@ -5,7 +5,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../checks.h"
 #include "../ops.h"
@@ -16,29 +20,30 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxRows = static_cast<int>(kDecodeMaxRows);
+constexpr int kNF4Rows = static_cast<int>(kNF4DecodeMaxRows);
 
 // xa[m, j] = Σ_k x[m, k]·A[j, k] in float32, with A's values rounded to x's dtype as the composite path
 // rounds them: one block per rank index j. Replaces a cuBLAS GEMM, its split-K reduction and two casts
 // (four launches, 9 µs of the 19 µs that M = 1 took on an H100) with one launch.
-template <typename T, typename TA>
+template <typename T, typename TA, int ROWS>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     lowrank_rows_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ xa, int M, int64_t K,
                         int R) {
-  __shared__ float partial[kMaxRows][kWarpsPerBlock];
+  __shared__ float partial[ROWS][kWarpsPerBlock];
   const int j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float acc[kMaxRows];
+  float acc[ROWS];
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
+  for (int m = 0; m < ROWS; ++m) acc[m] = 0.f;
   const TA* arow = A + static_cast<int64_t>(j) * K;
 #pragma unroll 4
   for (int64_t k = threadIdx.x; k < K; k += kWarpsPerBlock * 32) {
     const float a = static_cast<float>(static_cast<T>(arow[k]));
 #pragma unroll
-    for (int m = 0; m < kMaxRows; ++m)
+    for (int m = 0; m < ROWS; ++m)
       if (m < M) acc[m] = fmaf(static_cast<float>(x[m * K + k]), a, acc[m]);
   }
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) {
+  for (int m = 0; m < ROWS; ++m) {
     float v = acc[m];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -50,6 +55,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
     for (int w = 0; w < kWarpsPerBlock; ++w) v += partial[threadIdx.x][w];
     xa[threadIdx.x * R + j] = v;
+  }
+}
+
+// The end of a decode warp's column n: the LoRA term s·Σ_j xa[m, j]·B[n, j] (lanes striding over the rank, B
+// in its own dtype), the warp's sum, the bias, one store per row.
+template <typename T, typename TB, int ROWS>
+__device__ inline void finish_column(float (&acc)[ROWS], const float* __restrict__ xa, const TB* __restrict__ lora_B,
+                                     const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N, int R,
+                                     int64_t n, int lane, float scale) {
+  for (int j = lane; j < R; j += 32) {
+    const float b = scale * static_cast<float>(lora_B[n * R + j]);
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m)
+      if (m < M) acc[m] = fmaf(b, xa[m * R + j], acc[m]);
+  }
+#pragma unroll
+  for (int m = 0; m < ROWS; ++m) {
+    float v = acc[m];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && m < M) y[m * N + n] = static_cast<T>(bias != nullptr ? v + static_cast<float>(bias[n]) : v);
   }
 }
 
@@ -78,20 +104,77 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       }
     }
   }
-  // LoRA: s·Σ_j xa[m, j]·B[n, j], lanes striding over the rank; B read in its own dtype.
-  for (int j = lane; j < R; j += 32) {
-    const float b = scale * static_cast<float>(lora_B[n * R + j]);
-#pragma unroll
-    for (int m = 0; m < kMaxRows; ++m)
-      if (m < M) acc[m] = fmaf(b, xa[m * R + j], acc[m]);
+  finish_column<T, TB, kMaxRows>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
+}
+
+// The 4-bit (NF4, bitsandbytes layout) decode: one warp per column n of W streams its packed row once,
+// 16 bytes (32 codes, half an absmax block) per lane and step. A byte's two codes come from a 256-entry
+// table of code pairs in shared memory (one 8-byte load per byte), are scaled by the block's absmax and
+// rounded to T as every other path rounds W, then meet x in float32. About 6 instructions per weight
+// element, against ~15 in the Triton multiply-add partials, so the kernel streams W instead of issuing.
+template <typename T>
+__device__ inline float2 round_pair(float a, float b) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return __bfloat1622float2(__floats2bfloat162_rn(a, b));
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return __half22float2(__floats2half2_rn(a, b));
+  } else {
+    return make_float2(a, b);
   }
+}
+
+template <typename T, typename TB, int ROWS>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                      const float* __restrict__ code, const float* __restrict__ xa, const TB* __restrict__ lora_B,
+                      const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K, int64_t N, int R, float scale) {
+  __shared__ float2 pairs[256];
+  for (int b = threadIdx.x; b < 256; b += blockDim.x) pairs[b] = make_float2(code[b >> 4], code[b & 15]);
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (n >= N) return;
+  float acc[ROWS];
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) {
-    float v = acc[m];
+  for (int m = 0; m < ROWS; ++m) acc[m] = 0.f;
+  const int64_t chunks = K / 32;  // K % 64 == 0: whole 16-byte chunks, two per absmax block
+  const uint4* wrow = reinterpret_cast<const uint4*>(packed + n * (K / 2));
+  const float* arow = absmax + n * (K / 64);
+#pragma unroll 2
+  for (int64_t c = lane; c < chunks; c += 32) {
+    const uint4 w = wrow[c];
+    const float am = arow[c / 2];
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0 && m < M) y[m * N + n] = static_cast<T>(bias != nullptr ? v + static_cast<float>(bias[n]) : v);
+    for (int q = 0; q < 4; ++q) {
+      // x[m, 32c + 8q .. + 8]: one 16-byte load per row (T = bf16/fp16), or two for float32
+      float xv[ROWS][8];
+#pragma unroll
+      for (int m = 0; m < ROWS; ++m) {
+        if (m < M) {
+          const T* xp = x + m * K + c * 32 + q * 8;
+          if constexpr (sizeof(T) == 2) {
+            const Vec<T, 8> v = load_vec<T, 8>(xp);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) xv[m][i] = static_cast<float>(v.v[i]);
+          } else {
+            const Vec<T, 4> lo = load_vec<T, 4>(xp), hi = load_vec<T, 4>(xp + 4);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xv[m][i] = static_cast<float>(lo.v[i]), xv[m][i + 4] = static_cast<float>(hi.v[i]);
+          }
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float2 cp = pairs[(words[q] >> (8 * b)) & 0xffu];  // high nibble: the even column
+        const float2 wv = round_pair<T>(cp.x * am, cp.y * am);
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+          if (m < M) acc[m] = fmaf(wv.y, xv[m][2 * b + 1], fmaf(wv.x, xv[m][2 * b], acc[m]));
+      }
+    }
   }
+  finish_column<T, TB, ROWS>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
 }
 
 // Adapters come in x's dtype or in float32 (the Python layer's contract); the kernels read them as they are.
@@ -127,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
     using scalar_t = decltype(tag);
     dispatch_adapter_dtype<scalar_t>(Ac.scalar_type(), [&](auto adapter_tag) {
       using adapter_t = decltype(adapter_tag);
-      lowrank_rows_kernel<scalar_t, adapter_t><<<R, kWarpsPerBlock * 32, 0, stream>>>(
+      lowrank_rows_kernel<scalar_t, adapter_t, kMaxRows><<<R, kWarpsPerBlock * 32, 0, stream>>>(
           xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       constexpr int V = 16 / sizeof(scalar_t);
@@ -151,7 +234,76 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   return {y, xa};
 }
 
+
+// y = x·dequant(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias for M <= kNF4DecodeMaxRows, and xa = x·Aᵀ (float32). packed: uint8,
+// N·K/2 bytes; absmax: float32, one per 64 elements; code: the 16 NF4 values (float32).
+std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at::Tensor& packed,
+                                                   const at::Tensor& absmax, const at::Tensor& code, int64_t N,
+                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                   const c10::optional<at::Tensor>& bias, double scaling) {
+  check_float(x, "x");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt != at::kDouble, "x: float64 has no 4-bit kernel");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kNF4DecodeMaxRows, "x: expected 1 to ",
+              kNF4DecodeMaxRows, " rows, got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 64 == 0 && K > 0, "x: in_features must be a positive multiple of 64, got ", K);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == N * K / 2 && packed.is_contiguous() &&
+                  aligned16(packed.data_ptr()),
+              "packed: expected ", N * K / 2, " contiguous, 16-byte aligned uint8 values");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == N * K / 64 && absmax.is_contiguous(),
+              "absmax: expected ", N * K / 64, " contiguous float32 values");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "code: expected the 16 float32 NF4 values");
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == K && lora_B.dim() == 2 && lora_B.size(0) == N &&
+                  lora_B.size(1) == lora_A.size(0),
+              "lora_A / lora_B: expected (r, ", K, ") and (", N, ", r), got ", lora_A.sizes(), " and ", lora_B.sizes());
+  TORCH_CHECK(lora_A.scalar_type() == lora_B.scalar_type() &&
+                  (lora_A.scalar_type() == dt || lora_A.scalar_type() == at::kFloat),
+              "lora_A / lora_B: expected one dtype, x's or float32");
+  for (const at::Tensor* t : {&packed, &absmax, &code, &lora_A, &lora_B}) check_same_device(*t, x, "4-bit operand");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: expected shape (", N, "), got ", bias->sizes());
+    check_same_device(*bias, x, "bias");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), Ac = lora_A.contiguous(), Bc = lora_B.contiguous(), cc = code.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->to(dt).contiguous() : at::Tensor();
+  TORCH_CHECK(aligned16(xc.data_ptr()), "x: expected a 16-byte aligned start");
+  const int R = static_cast<int>(lora_A.size(0));
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
+  if (N == 0) return {y, xa};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_kernel_dtype(dt, "x", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_adapter_dtype<scalar_t>(Ac.scalar_type(), [&](auto adapter_tag) {
+      using adapter_t = decltype(adapter_tag);
+      lowrank_rows_kernel<scalar_t, adapter_t, kNF4Rows><<<R, kWarpsPerBlock * 32, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
+      auto run = [&](auto kernel) {  // registers for the rows at hand only: 1, 2 or 4
+        kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+            xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), cc.data_ptr<float>(),
+            xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+            y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R, static_cast<float>(scaling));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (M == 1)
+        run(nf4_decode_kernel<scalar_t, adapter_t, 1>);
+      else if (M == 2)
+        run(nf4_decode_kernel<scalar_t, adapter_t, 2>);
+      else
+        run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows>);
+    });
+  });
+  return {y, xa};
+}
+
 }  // namespace
 }  // namespace lora_kernels
 
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("linear_forward", &lora_kernels::linear_forward_cuda); }
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("linear_forward", &lora_kernels::linear_forward_cuda);
+  m.impl("nf4_decode", &lora_kernels::nf4_decode_cuda);
+}
