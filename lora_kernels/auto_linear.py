@@ -4,8 +4,8 @@ Neither backend wins everywhere (the CUDA extension's cuBLAS composition costs l
 Triton kernels keep the dropout mask in registers and read x once), so the first eager call of each shape
 and mode (forward only, or forward + backward when a gradient is needed) times calls of each on the same
 tensors, each after the L2 cache is overwritten (measured.cold_ms, as the bench times them), and the faster
-serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton` forces one). The timing leaves no trace: it runs on detached views, takes gradients with autograd.grad (nothing is
-accumulated) and restores the random generators, so dropout masks drawn later are those of an untimed run.
+serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton` forces one). The timing leaves no trace: it
+runs on detached views, takes gradients with autograd.grad (nothing is accumulated) and restores the random generators, so dropout masks drawn later are those of an untimed run.
 Nothing is timed inside CUDA-graph capture, sync-debug mode or a backward pass (an activation-checkpoint
 recompute): those take the CUDA backend until the key is decided. Forward-only keys also get a second pick,
 by GPU time alone, which CUDA-graph captures take: a replay has no host time, and at 16 rows the Triton

@@ -151,8 +151,9 @@ def test_extension_4bit_decode_oracle(dtype, case):
     through Triton."""
     M = [1, 2, 3, 4][case % 4]
     K, N, r = [(64, 1, 1), (320, 33, 8), (4096, 4096, 16), (1024, 300, 33)][case // 2]
-    _check_4bit_op("cuda", "cuda", dtype, (M, K, N, r), 0.0, adapter_dtype=torch.float32 if case % 3 else dtype,
-                   bias=case % 2 == 0, double_quant=case % 3 != 1)
+    adapter_dtype = torch.float32 if case % 3 else dtype
+    _check_4bit_op("cuda", "cuda", dtype, (M, K, N, r), 0.0, adapter_dtype=adapter_dtype, bias=case % 2 == 0,
+                   double_quant=case % 3 != 1)
 
 
 @pytest.mark.gpu
