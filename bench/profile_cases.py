@@ -120,7 +120,7 @@ def _guard(name, fn):
         return None
 
 
-def main():
+def main(only=()):
     torch.manual_seed(0)
     K = N = 4096
     r = 16
@@ -139,7 +139,7 @@ def main():
         x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(M, N, device=dev, dtype=dt)
         cases.append((f"cublas train M={M}", lambda x=x, dy=dy: (x @ w.t()).backward(dy)))
-        for be, p in (("triton", 0.0), ("triton", 0.05), ("cuda", 0.0)):
+        for be, p in (("triton", 0.0), ("triton", 0.05), ("cuda", 0.0), ("cuda", 0.05)):
             cases.append((f"{be} train M={M} p={p}", lambda x=x, dy=dy, be=be, p=p:
                           lk.lora_linear(x, w, a, b, 2.0, dropout_p=p, backend=be).backward(dy)))
     for n_rows in (4096, 14336):  # merge + unmerge of one layer (issue target: ~1.1x a copy of W)
@@ -151,9 +151,12 @@ def main():
                 lk.merge_(wm, am, bm, 0.5, backend=be), am, bm, 0.5, backend=be)))
     layer = nf4.FusedLoRALinear4bit.from_linear(nn.Linear(K, N, bias=False, device=dev, dtype=dt), r=r,
                                                 lora_alpha=2 * r, backend="triton")
-    for M in (1, 8192):
+    for M in (1, 4, 8192):
         x = torch.randn(M, K, device=dev, dtype=dt)
         cases.append((f"nf4 triton M={M}", _no_grad(lambda x=x: layer(x))))
+        if M <= 4 and lk.cuda_ext_available():
+            cases.append((f"nf4 cuda M={M}", _no_grad(lambda x=x: nf4.lora4_linear(
+                x, layer.qweight, layer.lora_A, layer.lora_B, layer.scaling, backend="cuda"))))
     bank = lk.LoRAAdapterBank(K, N, max_adapters=64, max_rank=r, bias=False, device=dev, dtype=dt)
     for s in range(64):
         bank.load_adapter(f"a{s}", torch.randn(r, K, device=dev) / K**0.5, torch.randn(N, r, device=dev),
@@ -168,7 +171,7 @@ def main():
     dy = torch.randn(64, N, device=dev, dtype=dt)
     cases.append(("multi train M=64 adapters=64", lambda: lk.multi_lora_linear(
         x, bank.weight, A, B, bank.scalings, ids, backend="triton", check_ids=False).backward(dy)))
-    _run_cases(cases)
+    _run_cases([c for c in cases if not only or any(o in c[0] for o in only)])
     _print_choices()
 
 
@@ -187,5 +190,6 @@ def _print_choices():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", help="write the wall / GPU table of every target row to this markdown file")
+    ap.add_argument("--only", nargs="+", default=(), help="profile only the cases whose names contain one of these")
     args = ap.parse_args()
-    host_table(args.table) if args.table else main()
+    host_table(args.table) if args.table else main(args.only)

@@ -84,6 +84,9 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
     _ops.merge_weight_(weight, lora_A, lora_B, float(scaling), unmerge)
 
 
-def nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, scaling: float):
-    """(y, xa float32) for a 4-bit W and 1 to 4 rows (csrc/cuda/decode.cu)."""
-    return _ops.nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, float(scaling))
+def nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, scaling: float, code2=None, absmax2=None,
+               offset: float = 0.0):
+    """(y, xa float32) for a 4-bit W and 1 to 4 rows (csrc/cuda/decode.cu); absmax float32, or uint8 codes
+    with code2, absmax2 and offset (double quantisation, decoded inside the kernel)."""
+    return _ops.nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, float(scaling), code2, absmax2,
+                           float(offset))

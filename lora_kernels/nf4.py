@@ -294,7 +294,7 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     if x2d.is_cuda and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     packed = qweight.packed.reshape(-1)
-    decode = _extension_decode_fits(x2d, packed, K, lora_A, lora_B, s_t, dropout_p)
+    decode = _extension_decode_fits(x2d, qweight, packed, K, lora_A, lora_B, s_t, dropout_p)
     if backend == "cuda" and not decode:
         raise NotImplementedError("backend='cuda': the extension's 4-bit kernel serves 1 to 4 rows of a CUDA x "
                                   "(in_features a multiple of 64, no dropout, a float scaling); use 'triton' or "
@@ -303,10 +303,13 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     seed = dropout_seed(x, lora_A) if dropout_p > 0.0 else None
     if name != "torch" and x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    absmax = qweight.kernel_absmax()
-    eager = _eager(x2d, packed, absmax, lora_A, lora_B, bias, s_t)
+    eager = _eager(x2d, packed, qweight.absmax, lora_A, lora_B, bias, s_t)
     if backend == "auto" and decode and eager and name == "triton":
-        name = _decode_backend(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s)
+        name = _decode_backend(x2d, qweight, lora_A, lora_B, bias, s)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
+    if name == "cuda" and not grad:  # inference: the extension's kernel alone, absmaxes decoded inside it
+        return _extension_decode(x2d, qweight, lora_A, lora_B, bias, s)[0].reshape(*x.shape[:-1], N)
+    absmax = qweight.kernel_absmax()
     fwd = _EagerLoRA4.apply if eager else lora4_fwd
     y, _ = fwd(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s, s_t, float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], N)
@@ -315,25 +318,43 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
 DECODE_ENV = "LORA_KERNELS_NF4_DECODE"  # cuda|triton forces auto's pick for 4-bit decode
 
 
-def _extension_decode_fits(x2d, packed, K, lora_A, lora_B, s_t, dropout_p) -> bool:
+def _extension_decode_fits(x2d, qweight, packed, K, lora_A, lora_B, s_t, dropout_p) -> bool:
     """Whether the extension's 4-bit decode kernel serves this call: 1 to 4 rows of a 16/32-bit CUDA x, whole
-    absmax blocks per row, 16-byte aligned x rows and packed bytes, no dropout, a float scaling, adapters in
-    x's dtype or float32 (one dtype)."""
+    absmax blocks of 64 per row (256 per second-level block), 16-byte aligned x rows and packed bytes, no
+    dropout, a float scaling, adapters in x's dtype or float32 (one dtype)."""
+    dq_ok = qweight.absmax.dtype == torch.float32 or (
+        qweight.blocksize2 == 256 and qweight.absmax2 is not None and qweight.absmax2.dtype == torch.float32
+        and qweight.code2 is not None and qweight.code2.device == x2d.device)
     return (x2d.is_cuda and 1 <= x2d.shape[0] <= 4 and K % 64 == 0 and dropout_p == 0.0 and s_t is None
+            and qweight.blocksize == 64 and dq_ok
             and x2d.stride(-1) == 1 and x2d.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
             and x2d.dtype != torch.float64 and lora_A.dtype == lora_B.dtype
             and lora_A.dtype in (x2d.dtype, torch.float32) and not torch.compiler.is_compiling()
             and _backends.cuda_ext_available())
 
 
-def _decode_backend(x2d, packed, absmax, N, K, lora_A, lora_B, bias, s) -> str:
+def _extension_decode(x2d, qweight, lora_A, lora_B, bias, s):
+    """(y, xa) by the extension's 4-bit decode kernel, double-quantised absmaxes decoded inside it."""
+    N, _ = qweight.shape
+    args = (x2d, qweight.packed.reshape(-1), qweight.absmax, code_table(x2d.device), N, lora_A, lora_B, bias, s)
+    if qweight.absmax.dtype == torch.float32:
+        return _backends.cuda_backend().nf4_decode(*args)
+    return _backends.cuda_backend().nf4_decode(*args, qweight.code2, qweight.absmax2, qweight.offset)
+
+
+def _decode_backend(x2d, qweight, lora_A, lora_B, bias, s) -> str:
     """'cuda' or 'triton' for a 4-bit decode call, by GPU time on its first eager call (decode is served
-    under CUDA graphs, where only GPU time counts); LORA_KERNELS_NF4_DECODE forces one."""
+    under CUDA graphs, where only GPU time counts); LORA_KERNELS_NF4_DECODE forces one. Each option is timed
+    as it serves a call, the absmax decoding included."""
     from .triton import measured
+    N, K = qweight.shape
     key = ("nf4 decode", x2d.device, x2d.shape[0], N, K, lora_A.shape[0], x2d.dtype, lora_A.dtype,
-           bias is not None)
-    options = {name: functools.partial(_forward4_impl, x2d, packed, absmax, N, K, lora_A, lora_B, bias, s, None,
-                                       0.0, None, name) for name in ("cuda", "triton")}
+           bias is not None, qweight.absmax.dtype)
+
+    def triton():
+        return _forward4_impl(x2d, qweight.packed.reshape(-1), qweight.kernel_absmax(), N, K, lora_A, lora_B, bias,
+                              s, None, 0.0, None, "triton")
+    options = {"cuda": functools.partial(_extension_decode, x2d, qweight, lora_A, lora_B, bias, s), "triton": triton}
     with torch.no_grad():  # timed calls record nothing
         pick = measured.choose(key, options, "triton", DECODE_ENV, by="gpu")
     _backends._once(("nf4 decode", key), f"lora_kernels: 4-bit decode {tuple(x2d.shape)}x({N}, {K}) -> {pick} "

@@ -123,13 +123,24 @@ __device__ inline float2 round_pair(float a, float b) {
   }
 }
 
-template <typename T, typename TB, int ROWS>
+// Chunks in flight per lane: each lane issues this many 16-byte loads of W before it computes on them.
+constexpr int kNF4Unroll = 4;
+
+// absmax: float32 per 64-element block, or (DQ) the double-quantised form: a uint8 code per block, decoded as
+// code2[q]·absmax2[block / 256] + offset with no contraction, the bits of nf4.NF4Weight.block_absmax.
+template <typename T, typename TB, int ROWS, bool DQ>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                      const float* __restrict__ code, const float* __restrict__ xa, const TB* __restrict__ lora_B,
-                      const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K, int64_t N, int R, float scale) {
+    nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
+                      const float* __restrict__ code, const float* __restrict__ code2,
+                      const float* __restrict__ absmax2, float offset, const float* __restrict__ xa,
+                      const TB* __restrict__ lora_B, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K,
+                      int64_t N, int R, float scale) {
   __shared__ float2 pairs[256];
-  for (int b = threadIdx.x; b < 256; b += blockDim.x) pairs[b] = make_float2(code[b >> 4], code[b & 15]);
+  __shared__ float code2_s[DQ ? 256 : 1];
+  for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+    pairs[b] = make_float2(code[b >> 4], code[b & 15]);
+    if constexpr (DQ) code2_s[b] = code2[b];
+  }
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -139,38 +150,56 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int m = 0; m < ROWS; ++m) acc[m] = 0.f;
   const int64_t chunks = K / 32;  // K % 64 == 0: whole 16-byte chunks, two per absmax block
   const uint4* wrow = reinterpret_cast<const uint4*>(packed + n * (K / 2));
-  const float* arow = absmax + n * (K / 64);
-#pragma unroll 2
-  for (int64_t c = lane; c < chunks; c += 32) {
-    const uint4 w = wrow[c];
-    const float am = arow[c / 2];
-    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  const int64_t block0 = n * (K / 64);
+  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kNF4Unroll) {
+    uint4 w[kNF4Unroll];
+    float am[kNF4Unroll];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      // x[m, 32c + 8q .. + 8]: one 16-byte load per row (T = bf16/fp16), or two for float32
-      float xv[ROWS][8];
-#pragma unroll
-      for (int m = 0; m < ROWS; ++m) {
-        if (m < M) {
-          const T* xp = x + m * K + c * 32 + q * 8;
-          if constexpr (sizeof(T) == 2) {
-            const Vec<T, 8> v = load_vec<T, 8>(xp);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) xv[m][i] = static_cast<float>(v.v[i]);
-          } else {
-            const Vec<T, 4> lo = load_vec<T, 4>(xp), hi = load_vec<T, 4>(xp + 4);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) xv[m][i] = static_cast<float>(lo.v[i]), xv[m][i + 4] = static_cast<float>(hi.v[i]);
-          }
+    for (int u = 0; u < kNF4Unroll; ++u) {  // every load of the group first: bytes in flight
+      const int64_t c = c0 + 32 * u;
+      if (c < chunks) {
+        w[u] = wrow[c];
+        const int64_t blk = block0 + c / 2;
+        if constexpr (DQ) {
+          const uint8_t q = static_cast<const uint8_t*>(absmax)[blk];
+          am[u] = __fadd_rn(__fmul_rn(code2_s[q], absmax2[blk / 256]), offset);
+        } else {
+          am[u] = static_cast<const float*>(absmax)[blk];
         }
       }
+    }
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const float2 cp = pairs[(words[q] >> (8 * b)) & 0xffu];  // high nibble: the even column
-        const float2 wv = round_pair<T>(cp.x * am, cp.y * am);
+    for (int u = 0; u < kNF4Unroll; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c >= chunks) break;
+      const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
-        for (int m = 0; m < ROWS; ++m)
-          if (m < M) acc[m] = fmaf(wv.y, xv[m][2 * b + 1], fmaf(wv.x, xv[m][2 * b], acc[m]));
+      for (int q = 0; q < 4; ++q) {
+        // x[m, 32c + 8q .. + 8]: one 16-byte load per row (T = bf16/fp16), or two for float32
+        float xv[ROWS][8];
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m) {
+          if (m < M) {
+            const T* xp = x + m * K + c * 32 + q * 8;
+            if constexpr (sizeof(T) == 2) {
+              const Vec<T, 8> v = load_vec<T, 8>(xp);
+#pragma unroll
+              for (int i = 0; i < 8; ++i) xv[m][i] = static_cast<float>(v.v[i]);
+            } else {
+              const Vec<T, 4> lo = load_vec<T, 4>(xp), hi = load_vec<T, 4>(xp + 4);
+#pragma unroll
+              for (int i = 0; i < 4; ++i) xv[m][i] = static_cast<float>(lo.v[i]), xv[m][i + 4] = static_cast<float>(hi.v[i]);
+            }
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const float2 cp = pairs[(words[q] >> (8 * b)) & 0xffu];  // high nibble: the even column
+          const float2 wv = round_pair<T>(cp.x * am[u], cp.y * am[u]);
+#pragma unroll
+          for (int m = 0; m < ROWS; ++m)
+            if (m < M) acc[m] = fmaf(wv.y, xv[m][2 * b + 1], fmaf(wv.x, xv[m][2 * b], acc[m]));
+        }
       }
     }
   }
@@ -236,11 +265,14 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
 
 
 // y = x·dequant(W)ᵀ + s·(x·Aᵀ)·Bᵀ + bias for M <= kNF4DecodeMaxRows, and xa = x·Aᵀ (float32). packed: uint8,
-// N·K/2 bytes; absmax: float32, one per 64 elements; code: the 16 NF4 values (float32).
+// N·K/2 bytes; absmax: float32, one per 64 elements, or uint8 codes with code2, absmax2 and offset (double
+// quantisation, decoded in the kernel: no launch of its own); code: the 16 NF4 values (float32).
 std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at::Tensor& packed,
                                                    const at::Tensor& absmax, const at::Tensor& code, int64_t N,
                                                    const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                   const c10::optional<at::Tensor>& bias, double scaling) {
+                                                   const c10::optional<at::Tensor>& bias, double scaling,
+                                                   const c10::optional<at::Tensor>& code2,
+                                                   const c10::optional<at::Tensor>& absmax2, double offset) {
   check_float(x, "x");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt != at::kDouble, "x: float64 has no 4-bit kernel");
@@ -251,8 +283,20 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == N * K / 2 && packed.is_contiguous() &&
                   aligned16(packed.data_ptr()),
               "packed: expected ", N * K / 2, " contiguous, 16-byte aligned uint8 values");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == N * K / 64 && absmax.is_contiguous(),
-              "absmax: expected ", N * K / 64, " contiguous float32 values");
+  const bool dq = absmax.scalar_type() == at::kByte;  // double-quantised: uint8 codes of the absmaxes
+  const int64_t blocks = N * K / 64;
+  TORCH_CHECK((absmax.scalar_type() == at::kFloat || dq) && absmax.numel() == blocks && absmax.is_contiguous(),
+              "absmax: expected ", blocks, " contiguous float32 values, or uint8 codes (double quantisation)");
+  if (dq) {
+    TORCH_CHECK(code2.has_value() && code2->scalar_type() == at::kFloat && code2->numel() == 256 &&
+                    code2->is_contiguous(),
+                "code2: double-quantised absmaxes need the 256 float32 values of their code");
+    TORCH_CHECK(absmax2.has_value() && absmax2->scalar_type() == at::kFloat &&
+                    absmax2->numel() == (blocks + 255) / 256 && absmax2->is_contiguous(),
+                "absmax2: expected ", (blocks + 255) / 256, " contiguous float32 values (one per 256 blocks)");
+    check_same_device(*code2, x, "code2");
+    check_same_device(*absmax2, x, "absmax2");
+  }
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "code: expected the 16 float32 NF4 values");
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == K && lora_B.dim() == 2 && lora_B.size(0) == N &&
                   lora_B.size(1) == lora_A.size(0),
@@ -284,17 +328,26 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
       const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
       auto run = [&](auto kernel) {  // registers for the rows at hand only: 1, 2 or 4
         kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-            xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), cc.data_ptr<float>(),
-            xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
-            y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R, static_cast<float>(scaling));
+            xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), cc.data_ptr<float>(),
+            dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
+            static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
+            bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R,
+            static_cast<float>(scaling));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (M == 1)
-        run(nf4_decode_kernel<scalar_t, adapter_t, 1>);
-      else if (M == 2)
-        run(nf4_decode_kernel<scalar_t, adapter_t, 2>);
+      auto by_rows = [&](auto dq_tag) {
+        constexpr bool DQ = decltype(dq_tag)::value;
+        if (M == 1)
+          run(nf4_decode_kernel<scalar_t, adapter_t, 1, DQ>);
+        else if (M == 2)
+          run(nf4_decode_kernel<scalar_t, adapter_t, 2, DQ>);
+        else
+          run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows, DQ>);
+      };
+      if (dq)
+        by_rows(std::true_type{});
       else
-        run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows>);
+        by_rows(std::false_type{});
     });
   });
   return {y, xa};

@@ -253,6 +253,11 @@ at::Tensor lowrank_up_cuda(const at::Tensor& g, const at::Tensor& A, double scal
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (at::cuda::getCurrentDeviceProperties()->major >= 8) {
         auto launch_mma = [&](auto kernel) {
+          // 41 KB of static shared memory per block: without the hint the driver may size the carveout for
+          // one or two blocks per SM, and each block's load latency is then paid in sequence (a hint, set per
+          // launch: it is per function and device)
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                              cudaSharedmemCarveoutMaxShared));
           const dim3 grid(static_cast<unsigned>((K + kTileN - 1) / kTileN),
                           static_cast<unsigned>(std::min<int64_t>((M + kTileM - 1) / kTileM, 65535)));
           kernel<<<grid, kThreads, 0, stream>>>(g.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
