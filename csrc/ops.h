@@ -35,9 +35,8 @@ struct PreparedInputs {
 };
 PreparedInputs prepare_lora_inputs_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                         double p, const c10::optional<at::Tensor>& seed);
-// s·mask⊙(g·A)/(1-p) (M×K) in one pass; g (M×r) and A (r×K) in the same dtype.
-at::Tensor lowrank_up_cuda(const at::Tensor& g, const at::Tensor& A, double scaling, double p,
-                           const c10::optional<at::Tensor>& seed);
+// cuda/dropout.cu: out = dropout(x) with the shared mask; out may be x (in place). Both contiguous.
+void dropout_into(const at::Tensor& x, at::Tensor& out, const at::Tensor& seed, double p);
 #endif
 
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).

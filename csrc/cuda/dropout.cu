@@ -12,23 +12,28 @@ namespace lora_kernels {
 namespace {
 
 // Rows step over blockIdx.y, VEC consecutive columns per thread (see dropout_rows.cuh).
+// x and out may be the same tensor (in place): each element is read, then written, by one thread.
 template <typename T, int VEC>
-__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, const int64_t* __restrict__ seed,
+__global__ void dropout_kernel(const T* x, T* out, const int64_t* __restrict__ seed,
                                int64_t rows, int64_t cols, uint32_t threshold, float scale) {
   dropout_rows<T, VEC>(x, out, rows, cols, *seed, threshold, scale, blockIdx.y, gridDim.y,
                        (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC,
                        static_cast<int64_t>(gridDim.x) * blockDim.x * VEC);
 }
 
-at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
+}  // namespace
+
+// out = dropout(x); out may be x itself, for a pass in place. Both contiguous.
+void dropout_into(const at::Tensor& x, at::Tensor& out, const at::Tensor& seed, double p) {
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor, got ", x.sizes());
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p: expected a value in [0, 1), got ", p);
   TORCH_CHECK(seed.is_cuda() && seed.scalar_type() == at::kLong && seed.numel() == 1,
               "seed: expected one int64 on the GPU");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.sizes() == x.sizes() &&
+                  out.scalar_type() == x.scalar_type(), "dropout: contiguous x and out of one shape and dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  if (xc.numel() == 0) return out;
+  const at::Tensor& xc = x;
+  if (xc.numel() == 0) return;
   const int threads = 256;
   const int64_t rows = xc.size(0), cols = xc.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -49,6 +54,14 @@ at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
     else
       launch(dropout_kernel<scalar_t, 1>, 1);
   });
+}
+
+namespace {
+
+at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  dropout_into(xc, out, seed, p);
   return out;
 }
 
