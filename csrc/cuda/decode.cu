@@ -156,17 +156,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
                       const float* __restrict__ absmax2, float offset, const float* __restrict__ xa,
                       const TB* __restrict__ lora_B, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K,
                       int64_t N, int R, float scale) {
-  // codes: 16 × 32 lanes (value q for lane l at [q·32 + l]); then, double-quantised, the 256 absmax codes
-  __shared__ __align__(2048) float smem[16 * 32 + (DQ ? 256 : 0)];
-  float* code2_s = smem + 16 * 32;
-  for (int b = threadIdx.x; b < 512; b += blockDim.x) smem[b] = code[b / 32];
+  // The codes, 16 × 32 lanes (value q for lane l at [q·32 + l]), at the first 2 KB boundary inside 4 KB (the
+  // alignment of static shared memory stops at 1 KB: the block's window starts after a reserved 1 KB); then,
+  // double-quantised, the 256 absmax codes.
+  __shared__ float smem[1024 + (DQ ? 256 : 0)];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  float* codes = smem + (((raw + 2047u) & ~2047u) - raw) / 4;
+  float* code2_s = smem + 1024;
+  for (int b = threadIdx.x; b < 512; b += blockDim.x) codes[b] = code[b / 32];
   if constexpr (DQ) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x) code2_s[b] = code2[b];
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;
-  const uint32_t lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(&smem[lane]));
-  if (threadIdx.x == 0 && (lane_base & 0x7ffu) != 0) __trap();  // the address arithmetic needs the alignment
+  const uint32_t lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(codes + lane));
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (n >= N) return;
   float acc[ROWS];
