@@ -198,7 +198,9 @@ def _pick(tri, key, tiled, dense) -> str:
 
 def _forward4_impl(x, packed, absmax, N, K, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed, backend):
     args = (lora_A, lora_B, bias, scaling, scaling_t, dropout_p, seed)
-    if backend == "cuda":  # only for the calls decode_by_extension accepts
+    if backend == "cuda":  # only for the calls _extension_decode_fits accepts
+        if scaling_t is not None or dropout_p > 0.0:
+            raise ValueError("the extension's 4-bit decode takes a float scaling and no dropout")
         return _backends.cuda_backend().nf4_decode(x, packed, absmax, code_table(x.device), N, lora_A, lora_B,
                                                    bias, scaling)
     if backend == "triton":
@@ -291,7 +293,7 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     check_lora_shapes(x, N, K, lora_A, lora_B, bias, dropout_p)
     s, s_t = _split_scaling(scaling, x.device)
     x2d = x.reshape(-1, K)
-    if x2d.is_cuda and x2d.stride(-1) != 1:
+    if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     packed = qweight.packed.reshape(-1)
     decode = _extension_decode_fits(x2d, qweight, packed, K, lora_A, lora_B, s_t, dropout_p)
@@ -301,8 +303,6 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
                                   "'auto'")
     name = backend if backend == "cuda" else _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
     seed = dropout_seed(x, lora_A) if dropout_p > 0.0 else None
-    if name != "torch" and x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
     eager = _eager(x2d, packed, qweight.absmax, lora_A, lora_B, bias, s_t)
     if backend == "auto" and decode and eager and name == "triton":
         name = _decode_backend(x2d, qweight, lora_A, lora_B, bias, s)
