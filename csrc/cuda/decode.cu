@@ -172,9 +172,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const uint32_t lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(codes + lane));
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (n >= N) return;
-  float acc[ROWS];
+  float acc[ROWS], acc_odd[ROWS];  // even and odd columns: two independent chains of multiply-adds per row
 #pragma unroll
-  for (int m = 0; m < ROWS; ++m) acc[m] = 0.f;
+  for (int m = 0; m < ROWS; ++m) acc[m] = 0.f, acc_odd[m] = 0.f;
   const int64_t chunks = K / 32;  // K % 64 == 0: whole 16-byte chunks, two per absmax block
   const uint4* wrow = reinterpret_cast<const uint4*>(packed + n * (K / 2));
   const int64_t block0 = n * (K / 64);
@@ -234,12 +234,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         for (int b = 0; b < 4; ++b) {
           const float2 wv = round_pair<T>(ce[b] * am[u], co[b] * am[u]);
 #pragma unroll
-          for (int m = 0; m < ROWS; ++m)
-            if (m < M) acc[m] = fmaf(wv.y, xv[m][2 * b + 1], fmaf(wv.x, xv[m][2 * b], acc[m]));
+          for (int m = 0; m < ROWS; ++m) {
+            if (m < M) {
+              acc[m] = fmaf(wv.x, xv[m][2 * b], acc[m]);
+              acc_odd[m] = fmaf(wv.y, xv[m][2 * b + 1], acc_odd[m]);
+            }
+          }
         }
       }
     }
   }
+#pragma unroll
+  for (int m = 0; m < ROWS; ++m) acc[m] += acc_odd[m];
   finish_column<T, TB, ROWS>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
 }
 
