@@ -71,7 +71,11 @@ def main():
     have_ext = lk.cuda_ext_available()
     if have_ext:
         _backends.resolve_linear = lambda *args, **kw: "cuda"
-        rows += [("lora_linear fwd+bwd, cuda path (C++ autograd)", _us(step("auto")))]
+        def fwd_cuda_path():
+            with torch.no_grad():
+                lk.lora_linear(x, w, a, b, 2.0, backend="auto")
+        rows += [("lora_linear fwd, cuda path (C++ op, no_grad)", _us(fwd_cuda_path)),
+                 ("lora_linear fwd+bwd, cuda path (C++ autograd)", _us(step("auto")))]
     try:
         import peft  # noqa: F401
         for p in (0.0, 0.05):

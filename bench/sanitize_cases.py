@@ -2,8 +2,8 @@
     compute-sanitizer --tool memcheck python bench/sanitize_cases.py [triton|cuda ...]   (likewise racecheck,
     synccheck, initcheck); naming backends runs only theirs, so each can be its own (parallel) sanitized process.
 Covers: fused linear forward / backward with and without dropout (Triton; CUDA: decode kernel, dropout and
-adapter-cast kernel, low-rank dx kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels,
-the split-K and TMA-fed GEMMs (forced)."""
+adapter-cast kernel, dropout kernel), merge / unmerge, the multi-adapter and NF4 kernels (the extension's NF4
+decode too), the split-K and TMA-fed GEMMs (forced)."""
 import os
 import sys
 
@@ -69,5 +69,13 @@ for backend in backends:
             for p in (0.0, 0.1):  # p = 0 takes the split-K forward
                 lk.lora4_linear(x, q, a, b, 0.5, dropout_p=p, backend="triton").float().sum().backward()
         os.environ["LORA_KERNELS_DECODE"] = "gemm"
+    if backend == "cuda":  # the extension's 4-bit decode: 1-4 rows, float32 and double-quantised absmaxes
+        from lora_kernels.nf4 import quantize_nf4
+        for M, double_quant in ((1, True), (3, False), (4, True)):
+            q = quantize_nf4(torch.randn(96, 192, device=dev, dtype=torch.bfloat16), double_quant=double_quant)
+            with torch.no_grad():
+                lk.lora4_linear(torch.randn(M, 192, device=dev, dtype=torch.bfloat16), q,
+                                torch.randn(8, 192, device=dev) / 14, torch.randn(96, 8, device=dev), 0.5,
+                                torch.randn(96, device=dev, dtype=torch.bfloat16), backend="cuda")
 torch.cuda.synchronize()
 print("sanitize cases ran:", backends)

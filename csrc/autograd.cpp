@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 
 #include "ops.h"
 
@@ -101,18 +102,33 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
   }
 };
 
+// The forward alone on 2-D x, for calls with nothing to differentiate: the decode kernel for small M on
+// CUDA, else the composite's pieces (no cast of x·Aᵀ to float32, which only a backward would read).
+at::Tensor forward_only(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& lora_A,
+                        const at::Tensor& lora_B, const OptTensor& bias, double scaling, double dropout_p) {
+  const at::Tensor seed = dropout_p > 0.0 ? draw_seed(x2d) : at::Tensor();
+  if (x2d.is_cuda() && x2d.size(0) <= kDecodeMaxRows)
+    return std::get<0>(linear_forward_op(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, opt(seed)));
+  return forward_parts(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, opt(seed)).y;
+}
+
 // x (..., K) is flattened to rows outside the autograd function, so its view is recorded by autograd
-// and dx comes back in x's shape.
+// and dx comes back in x's shape. With nothing to differentiate (no_grad, or no input that needs a
+// gradient) the forward runs alone: no autograd node, no saved tensors (the node's bookkeeping was a
+// share of the op's host time per eager call).
 at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                                 const at::Tensor& lora_B, const OptTensor& bias, double scaling, double dropout_p) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, "x: expected shape (..., in_features), weight (out, in)");
   at::Tensor x2d = x.reshape({-1, x.size(-1)});
   if (x2d.stride(-1) != 1) x2d = x2d.contiguous();
-  const at::Tensor b = bias.has_value() ? *bias : at::empty({0}, x.options());
-  at::Tensor y = LoRALinearFunction::apply(x2d, weight, lora_A, lora_B, b, scaling, dropout_p);
   auto sizes = x.sizes().vec();
   sizes.back() = weight.size(0);
-  return y.view(sizes);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || lora_A.requires_grad() || lora_B.requires_grad() ||
+                     (bias.has_value() && bias->requires_grad()));
+  if (!grad) return forward_only(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p).view(sizes);
+  const at::Tensor b = bias.has_value() ? *bias : at::empty({0}, x.options());
+  return LoRALinearFunction::apply(x2d, weight, lora_A, lora_B, b, scaling, dropout_p).view(sizes);
 }
 
 // Below autograd (inference mode, or no tensor that needs a gradient): the forward alone.
@@ -120,11 +136,9 @@ at::Tensor lora_linear_inference(const at::Tensor& x, const at::Tensor& weight, 
                                  const at::Tensor& lora_B, const OptTensor& bias, double scaling, double dropout_p) {
   at::Tensor x2d = x.reshape({-1, x.size(-1)});
   if (x2d.stride(-1) != 1) x2d = x2d.contiguous();
-  const at::Tensor seed = dropout_p > 0.0 ? draw_seed(x) : at::Tensor();
-  at::Tensor y = std::get<0>(linear_forward_op(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, opt(seed)));
   auto sizes = x.sizes().vec();
   sizes.back() = weight.size(0);
-  return y.view(sizes);
+  return forward_only(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p).view(sizes);
 }
 
 }  // namespace

@@ -168,6 +168,15 @@ def test_cpp_autograd_op_no_grad_inference_and_frozen_adapters():
     xg = x.clone().requires_grad_(True)           # adapters frozen: only dx
     _cpp_lora_linear(xg, w, a, b, bias).sum().backward()
     assert xg.grad is not None and a.grad is None and b.grad is None
+    # nothing to differentiate under no_grad: the forward runs alone, with the bits (and the dropout seed
+    # drawn from the generator) of the differentiable call
+    ag = a.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    y_grad = torch.ops.lora_kernels.lora_linear(xg, w, ag, b, bias, 0.5, 0.3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        y_free = torch.ops.lora_kernels.lora_linear(xg, w, ag, b, bias, 0.5, 0.3)
+    assert y_grad.grad_fn is not None and y_free.grad_fn is None and torch.equal(y_grad, y_free)
 
 
 @needs_ext

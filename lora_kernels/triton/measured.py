@@ -10,6 +10,7 @@ one-launch path at 36 µs of GPU time over split-K's 22). `cold_ms`, per call af
 overwritten, host time counted where it exceeds the GPU's, where host costs differ and count (`auto`
 between the CUDA extension and Triton in eager mode).
 """
+import contextlib
 import os
 import warnings
 
@@ -28,8 +29,8 @@ def cold_ms(fn, reps=10):
     """Median ms per call, each call between its own events right after the L2 cache is overwritten, as the
     bench (triton's do_bench) times a row: a layer in a model finds neither its weight nor its input left in
     L2 by the same call just before, and a call whose host time exceeds its GPU time is timed by its host
-    time. Calls back to back with a warm cache picked the extension at 8192 rows where this timing, like
-    the bench, found Triton 3-5 % faster."""
+    time. (Calls back to back with a warm cache disagreed with the bench by as much as the backends
+    differ.) Runs on the current device."""
     fn()
     torch.cuda.synchronize()
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
@@ -87,15 +88,18 @@ def choose(key, options: dict, default: str, env: str, by: str = "cold") -> str:
             return default
         timer = gpu_ms if by == "gpu" else cold_ms
         times, errors = {}, {}
-        for _ in range(ROUNDS):  # interleaved rounds, best of each: a hiccup of the host decides nothing
-            for name, fn in options.items():
-                if name in errors:
-                    continue
-                try:
-                    times[name] = min(timer(fn), times.get(name, float("inf")))
-                except Exception as e:  # noqa: BLE001 - a path that cannot run this shape is not chosen
-                    errors[name] = e
-                    times.pop(name, None)
+        # the timers' events and flushes go to the device the key names (every key names its tensors' device)
+        device = next((k for k in key if isinstance(k, torch.device) and k.type == "cuda"), None)
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            for _ in range(ROUNDS):  # interleaved rounds, best of each: a hiccup of the host decides nothing
+                for name, fn in options.items():
+                    if name in errors:
+                        continue
+                    try:
+                        times[name] = min(timer(fn), times.get(name, float("inf")))
+                    except Exception as e:  # noqa: BLE001 - a path that cannot run this shape is not chosen
+                        errors[name] = e
+                        times.pop(name, None)
         if not times:
             raise errors[default] if default in errors else next(iter(errors.values()))
         for name, e in errors.items():
