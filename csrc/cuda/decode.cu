@@ -149,7 +149,9 @@ constexpr int kNF4Unroll = 4;
 
 // absmax: float32 per 64-element block, or (DQ) the double-quantised form: a uint8 code per block, decoded as
 // code2[q]·absmax2[block / 256] + offset with no contraction, the bits of nf4.NF4Weight.block_absmax.
-template <typename T, typename TB, int ROWS, bool DQ>
+// STAGE_X: x is converted to float32 once per block into shared memory (dynamic, padded by 4 floats per 32
+// so that lanes reading 32 columns apart hit different banks), instead of loaded and converted per warp.
+template <typename T, typename TB, int ROWS, bool DQ, bool STAGE_X>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
                       const float* __restrict__ code, const float* __restrict__ code2,
@@ -166,6 +168,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int b = threadIdx.x; b < 512; b += blockDim.x) codes[b] = code[b / 32];
   if constexpr (DQ) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x) code2_s[b] = code2[b];
+  }
+  extern __shared__ float4 x_stage[];  // STAGE_X: row m's column e at [m·K·9/8 + e + e/32·4]
+  float* xs = reinterpret_cast<float*>(x_stage);
+  if constexpr (STAGE_X) {
+    for (int64_t e = threadIdx.x; e < static_cast<int64_t>(M) * K; e += blockDim.x)
+      xs[e + (e >> 5) * 4] = static_cast<float>(x[e]);  // K % 32 == 0: rows start on whole padded groups
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;
@@ -208,7 +216,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         for (int m = 0; m < ROWS; ++m) {
           if (m < M) {
             const T* xp = x + m * K + c * 32 + q * 8;
-            if constexpr (std::is_same_v<T, at::BFloat16>) {
+            if constexpr (STAGE_X) {
+              const float* sp = xs + (m * K + c * 32) / 32 * 36 + q * 8;
+              *reinterpret_cast<float4*>(&xv[m][0]) = *reinterpret_cast<const float4*>(sp);
+              *reinterpret_cast<float4*>(&xv[m][4]) = *reinterpret_cast<const float4*>(sp + 4);
+            } else if constexpr (std::is_same_v<T, at::BFloat16>) {
               const uint4 v = *reinterpret_cast<const uint4*>(xp);
               const uint32_t vw[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -369,8 +381,11 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
           xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
+      // x staged in shared memory where it fits without opting in to more than 48 KB per block
+      const int64_t stage_bytes = M * K / 32 * 36 * static_cast<int64_t>(sizeof(float));
+      const bool stage = stage_bytes <= 48 * 1024 - 5 * 1024;
       auto run = [&](auto kernel) {  // registers for the rows at hand only: 1, 2 or 4
-        kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+        kernel<<<grid, kWarpsPerBlock * 32, stage ? stage_bytes : 0, stream>>>(
             xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), cc.data_ptr<float>(),
             dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
             static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
@@ -378,19 +393,25 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
             static_cast<float>(scaling));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      auto by_rows = [&](auto dq_tag) {
-        constexpr bool DQ = decltype(dq_tag)::value;
+      auto by_rows = [&](auto dq_tag, auto stage_tag) {
+        constexpr bool DQ = decltype(dq_tag)::value, STAGE = decltype(stage_tag)::value;
         if (M == 1)
-          run(nf4_decode_kernel<scalar_t, adapter_t, 1, DQ>);
+          run(nf4_decode_kernel<scalar_t, adapter_t, 1, DQ, STAGE>);
         else if (M == 2)
-          run(nf4_decode_kernel<scalar_t, adapter_t, 2, DQ>);
+          run(nf4_decode_kernel<scalar_t, adapter_t, 2, DQ, STAGE>);
         else
-          run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows, DQ>);
+          run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows, DQ, STAGE>);
+      };
+      auto by_stage = [&](auto dq_tag) {
+        if (stage)
+          by_rows(dq_tag, std::true_type{});
+        else
+          by_rows(dq_tag, std::false_type{});
       };
       if (dq)
-        by_rows(std::true_type{});
+        by_stage(std::true_type{});
       else
-        by_rows(std::false_type{});
+        by_stage(std::false_type{});
     });
   });
   return {y, xa};
