@@ -161,23 +161,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
     const c10::optional<at::Tensor>& seed, at::ScalarType a_dtype, at::ScalarType b_dtype) {
   // g = dy·B unscaled: s enters through the GEMMs' alpha / beta (no separate pass, one rounding fewer).
   const at::Tensor g = at::mm(dy, B);
-  at::Tensor dA = scaled_mm(g.t(), apply_dropout(x, dropout_p, seed), scaling, a_dtype);
-  at::Tensor dB = scaled_mm(dy.t(), xa, scaling, b_dtype);
-  // dx: the LoRA part first (same mask and 1/(1-p) as the forward's dropout(x)), then dy·W accumulated into
-  // it by the big GEMM (no separate add over dx).
-  at::Tensor dx = dy.new_empty({0});
-  if (need_dx) {
 #ifdef LORA_KERNELS_WITH_CUDA
-    if (g.is_cuda() && g.scalar_type() != at::kDouble) {
-      // cuBLAS writes s·g·A at ~2.7 TB/s (24 µs for 8192×4096 on an H200; a fused product-and-mask kernel of
-      // ours ran 69-81 µs), the mask then goes on in place (~39 µs), and the big GEMM accumulates into it.
-      dx = at::empty({g.size(0), A.size(1)}, g.options());
-      at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
-      if (dropout_p > 0.0 && seed.has_value()) dropout_into(dx, dx, *seed, dropout_p);
-      dx.addmm_(dy, weight);
-    } else
+  const bool on_gpu = g.is_cuda() && g.scalar_type() != at::kDouble;
+#else
+  const bool on_gpu = false;
 #endif
-    {
+  // dx: the LoRA part first (same mask and 1/(1-p) as the forward's dropout(x)), then dy·W accumulated into
+  // it by the big GEMM (no separate add over dx). On the GPU, cuBLAS writes s·g·A (24 µs for 8192×4096 on
+  // an H200; a fused product-and-mask kernel of ours ran 69-81 µs), and one pass puts the mask on it in
+  // place while it writes dropout(x) for dA: the same mask, one launch.
+  at::Tensor dx = dy.new_empty({0});
+  at::Tensor xd;
+  if (need_dx && on_gpu) {
+    dx = at::empty({g.size(0), A.size(1)}, g.options());
+    at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
+#ifdef LORA_KERNELS_WITH_CUDA
+    if (dropout_p > 0.0 && seed.has_value()) {
+      xd = at::empty(x.sizes(), x.options());
+      dropout_pair_into(x.contiguous(), xd, dx, *seed, dropout_p);
+    }
+#endif
+  }
+  if (!xd.defined()) xd = apply_dropout(x, dropout_p, seed);
+  at::Tensor dA = scaled_mm(g.t(), xd, scaling, a_dtype);
+  at::Tensor dB = scaled_mm(dy.t(), xa, scaling, b_dtype);
+  if (need_dx) {
+    if (on_gpu) {
+      dx.addmm_(dy, weight);
+    } else {
       dx = apply_dropout(at::mm(g, A), dropout_p, seed);
       dx.addmm_(dy, weight, /*beta=*/scaling, /*alpha=*/1.0);
     }

@@ -35,8 +35,9 @@ struct PreparedInputs {
 };
 PreparedInputs prepare_lora_inputs_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                         double p, const c10::optional<at::Tensor>& seed);
-// cuda/dropout.cu: out = dropout(x) with the shared mask; out may be x (in place). Both contiguous.
-void dropout_into(const at::Tensor& x, at::Tensor& out, const at::Tensor& seed, double p);
+// cuda/dropout.cu: out = dropout(x) with the shared mask, and the same mask put on y in place (x, out and y
+// of one shape, contiguous), in one pass.
+void dropout_pair_into(const at::Tensor& x, at::Tensor& out, at::Tensor& y, const at::Tensor& seed, double p);
 #endif
 
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).

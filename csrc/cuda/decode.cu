@@ -252,6 +252,25 @@ void dispatch_adapter_dtype(at::ScalarType t, F&& f) {
     f(T{});
 }
 
+// x's dtype and the adapters' dispatched, x·Aᵀ (float32, at most ROWS rows) launched, then
+// launch(scalar tag, adapter tag) launches the caller's kernel, which reads xa.
+template <int ROWS, typename F>
+void after_lowrank_rows(const at::Tensor& xc, const at::Tensor& Ac, at::Tensor& xa, F&& launch) {
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const int R = static_cast<int>(Ac.size(0));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_kernel_dtype(xc.scalar_type(), "x", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_adapter_dtype<scalar_t>(Ac.scalar_type(), [&](auto adapter_tag) {
+      using adapter_t = decltype(adapter_tag);
+      lowrank_rows_kernel<scalar_t, adapter_t, ROWS><<<R, kWarpsPerBlock * 32, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(tag, adapter_tag);
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                        const c10::optional<at::Tensor>& bias, double scaling,
@@ -272,30 +291,25 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   at::Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_kernel_dtype(dt, "x", [&](auto tag) {
+  after_lowrank_rows<kMaxRows>(xc, Ac, xa, [&](auto tag, auto adapter_tag) {
     using scalar_t = decltype(tag);
-    dispatch_adapter_dtype<scalar_t>(Ac.scalar_type(), [&](auto adapter_tag) {
-      using adapter_t = decltype(adapter_tag);
-      lowrank_rows_kernel<scalar_t, adapter_t, kMaxRows><<<R, kWarpsPerBlock * 32, 0, stream>>>(
-          xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
+    using adapter_t = decltype(adapter_tag);
+    constexpr int V = 16 / sizeof(scalar_t);
+    const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+    const bool vec = K % V == 0 && aligned16(xc.data_ptr()) && aligned16(wc.data_ptr());
+    auto run = [&](auto kernel) {
+      kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                                                       xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(), bp,
+                                                       y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R,
+                                                       static_cast<float>(scaling));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      constexpr int V = 16 / sizeof(scalar_t);
-      const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-      const bool vec = K % V == 0 && aligned16(xc.data_ptr()) && aligned16(wc.data_ptr());
-      auto run = [&](auto kernel) {
-        kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-                                                         xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(), bp,
-                                                         y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R,
-                                                         static_cast<float>(scaling));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (N == 0)
-        return;
-      if (vec)
-        run(decode_kernel<scalar_t, V, adapter_t>);
-      else
-        run(decode_kernel<scalar_t, 1, adapter_t>);
-    });
+    };
+    if (N == 0)
+      return;
+    if (vec)
+      run(decode_kernel<scalar_t, V, adapter_t>);
+    else
+      run(decode_kernel<scalar_t, 1, adapter_t>);
   });
   return {y, xa};
 }
@@ -355,37 +369,32 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
   at::Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
   if (N == 0) return {y, xa};
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_kernel_dtype(dt, "x", [&](auto tag) {
+  after_lowrank_rows<kNF4Rows>(xc, Ac, xa, [&](auto tag, auto adapter_tag) {
     using scalar_t = decltype(tag);
-    dispatch_adapter_dtype<scalar_t>(Ac.scalar_type(), [&](auto adapter_tag) {
-      using adapter_t = decltype(adapter_tag);
-      lowrank_rows_kernel<scalar_t, adapter_t, kNF4Rows><<<R, kWarpsPerBlock * 32, 0, stream>>>(
-          xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
+    using adapter_t = decltype(adapter_tag);
+    const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
+    auto run = [&](auto kernel) {  // registers for the rows at hand only: 1, 2 or 4
+      kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), cc.data_ptr<float>(),
+          dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
+          static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
+          bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R,
+          static_cast<float>(scaling));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
-      auto run = [&](auto kernel) {  // registers for the rows at hand only: 1, 2 or 4
-        kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-            xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), cc.data_ptr<float>(),
-            dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
-            static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
-            bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R,
-            static_cast<float>(scaling));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      auto by_rows = [&](auto dq_tag) {
-        constexpr bool DQ = decltype(dq_tag)::value;
-        if (M == 1)
-          run(nf4_decode_kernel<scalar_t, adapter_t, 1, DQ>);
-        else if (M == 2)
-          run(nf4_decode_kernel<scalar_t, adapter_t, 2, DQ>);
-        else
-          run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows, DQ>);
-      };
-      if (dq)
-        by_rows(std::true_type{});
+    };
+    auto by_rows = [&](auto dq_tag) {
+      constexpr bool DQ = decltype(dq_tag)::value;
+      if (M == 1)
+        run(nf4_decode_kernel<scalar_t, adapter_t, 1, DQ>);
+      else if (M == 2)
+        run(nf4_decode_kernel<scalar_t, adapter_t, 2, DQ>);
       else
-        by_rows(std::false_type{});
-    });
+        run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows, DQ>);
+    };
+    if (dq)
+      by_rows(std::true_type{});
+    else
+      by_rows(std::false_type{});
   });
   return {y, xa};
 }
