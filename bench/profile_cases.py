@@ -151,10 +151,10 @@ def main(only=()):
                 lk.merge_(wm, am, bm, 0.5, backend=be), am, bm, 0.5, backend=be)))
     layer = nf4.FusedLoRALinear4bit.from_linear(nn.Linear(K, N, bias=False, device=dev, dtype=dt), r=r,
                                                 lora_alpha=2 * r, backend="triton")
-    for M in (1, 4, 8192):
+    for M in (1, 4, 8, 8192):
         x = torch.randn(M, K, device=dev, dtype=dt)
         cases.append((f"nf4 triton M={M}", _no_grad(lambda x=x: layer(x))))
-        if M <= 4 and lk.cuda_ext_available():
+        if M <= nf4.EXTENSION_DECODE_MAX_ROWS and lk.cuda_ext_available():
             cases.append((f"nf4 cuda M={M}", _no_grad(lambda x=x: nf4.lora4_linear(
                 x, layer.qweight, layer.lora_A, layer.lora_B, layer.scaling, backend="cuda"))))
     bank = lk.LoRAAdapterBank(K, N, max_adapters=64, max_rank=r, bias=False, device=dev, dtype=dt)

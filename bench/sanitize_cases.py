@@ -69,13 +69,13 @@ for backend in backends:
             for p in (0.0, 0.1):  # p = 0 takes the split-K forward
                 lk.lora4_linear(x, q, a, b, 0.5, dropout_p=p, backend="triton").float().sum().backward()
         os.environ["LORA_KERNELS_DECODE"] = "gemm"
-    if backend == "cuda":  # the extension's 4-bit decode: 1-4 rows, float32 and double-quantised absmaxes
-        from lora_kernels.nf4 import quantize_nf4
-        for M, double_quant in ((1, True), (3, False), (4, True)):
-            q = quantize_nf4(torch.randn(96, 192, device=dev, dtype=torch.bfloat16), double_quant=double_quant)
+    if backend == "cuda":  # the extension's 4-bit decode: 1-8 rows, float32 and double-quantised absmaxes,
+        from lora_kernels.nf4 import quantize_nf4  # 100 columns (a partial 16-column tile), K ending on half a step
+        for M, double_quant in ((1, True), (3, False), (8, True)):
+            q = quantize_nf4(torch.randn(100, 192, device=dev, dtype=torch.bfloat16), double_quant=double_quant)
             with torch.no_grad():
                 lk.lora4_linear(torch.randn(M, 192, device=dev, dtype=torch.bfloat16), q,
-                                torch.randn(8, 192, device=dev) / 14, torch.randn(96, 8, device=dev), 0.5,
-                                torch.randn(96, device=dev, dtype=torch.bfloat16), backend="cuda")
+                                torch.randn(8, 192, device=dev) / 14, torch.randn(100, 8, device=dev), 0.5,
+                                torch.randn(100, device=dev, dtype=torch.bfloat16), backend="cuda")
 torch.cuda.synchronize()
 print("sanitize cases ran:", backends)

@@ -47,8 +47,8 @@ at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::
 // row of x for each slice of W it loads, so x's L2 traffic is M times W's: at 16 rows the kernel ran
 // 103 us for a 4096x4096 bf16 W on an H100 (cuBLAS: 9 us); past 2 rows the composite path is faster.
 constexpr int64_t kDecodeMaxRows = 2;
-// Largest M served by the 4-bit decode kernel (cuda/decode.cu): W's bytes are a quarter of x's per row, so
-// more rows re-read x more; the Triton paths serve the rest.
-constexpr int64_t kNF4DecodeMaxRows = 4;
+// Largest M served by the 4-bit decode kernel (cuda/decode.cu): x's rows are the 8 columns of one tensor-core
+// product per step, so 1 to 8 rows cost one pass over W alike; the Triton paths serve the rest.
+constexpr int64_t kNF4DecodeMaxRows = 8;
 
 }  // namespace lora_kernels

@@ -1,7 +1,7 @@
 """The "cuda" backend: the compiled ops of lora_kernels._C (csrc/), called from the Python ops.
 
 What runs where: merge_/unmerge_ are CUDA kernels; the forward for M <= 2 is a CUDA decode kernel that
-reads W once, and a 4-bit (NF4) W has one for 1-4 rows; larger M and the backward compose cuBLAS GEMMs in
+reads W once, and a 4-bit (NF4) W has one for 1-8 rows; larger M and the backward compose cuBLAS GEMMs in
 C++, the big GEMM accumulating into the low-rank product (no fused large-M CUDA kernel yet; the Triton
 backend has one). Dropout uses the shared (seed, row, col) mask through a CUDA kernel; it materialises
 dropout(x) for the x·Aᵀ product (transient, never saved).
@@ -87,7 +87,7 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
 
 def nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, scaling: float, code2=None, absmax2=None,
                offset: float = 0.0):
-    """(y, xa float32) for a 4-bit W and 1 to 4 rows (csrc/cuda/decode.cu); absmax float32, or uint8 codes
-    with code2, absmax2 and offset (double quantisation, decoded inside the kernel)."""
+    """(y, xa float32) for a 4-bit W and 1 to 8 rows of bf16/fp16 x (csrc/cuda/decode.cu); absmax float32, or
+    uint8 codes with code2, absmax2 and offset (double quantisation, decoded inside the kernel)."""
     return _ops.nf4_decode(x2d, packed, absmax, code, N, lora_A, lora_B, bias, float(scaling), code2, absmax2,
                            float(offset))

@@ -298,9 +298,9 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
     packed = qweight.packed.reshape(-1)
     decode = _extension_decode_fits(x2d, qweight, packed, K, lora_A, lora_B, s_t, dropout_p)
     if backend == "cuda" and not decode:
-        raise NotImplementedError("backend='cuda': the extension's 4-bit kernel serves 1 to 4 rows of a CUDA x "
-                                  "(in_features a multiple of 64, no dropout, a float scaling); use 'triton' or "
-                                  "'auto'")
+        raise NotImplementedError("backend='cuda': the extension's 4-bit kernel serves 1 to 8 rows of a bfloat16 "
+                                  "or float16 CUDA x (in_features a multiple of 64, no dropout, a float scaling); "
+                                  "use 'triton' or 'auto'")
     name = backend if backend == "cuda" else _backends.resolve(backend, x, prefer=("triton",), what="4-bit linear")
     seed = dropout_seed(x, lora_A) if dropout_p > 0.0 else None
     eager = _eager(x2d, packed, qweight.absmax, lora_A, lora_B, bias, s_t)
@@ -318,17 +318,20 @@ def lora4_linear(x: Tensor, qweight: NF4Weight, lora_A: Tensor, lora_B: Tensor, 
 DECODE_ENV = "LORA_KERNELS_NF4_DECODE"  # cuda|triton forces auto's pick for 4-bit decode
 
 
+EXTENSION_DECODE_MAX_ROWS = 8  # csrc/ops.h kNF4DecodeMaxRows: x's rows are the 8 columns of one tensor-core product
+
+
 def _extension_decode_fits(x2d, qweight, packed, K, lora_A, lora_B, s_t, dropout_p) -> bool:
-    """Whether the extension's 4-bit decode kernel serves this call: 1 to 4 rows of a 16/32-bit CUDA x, whole
+    """Whether the extension's 4-bit decode kernel serves this call: 1 to 8 rows of a bf16/fp16 CUDA x, whole
     absmax blocks of 64 per row (256 per second-level block), 16-byte aligned x rows and packed bytes, no
     dropout, a float scaling, adapters in x's dtype or float32 (one dtype)."""
     dq_ok = qweight.absmax.dtype == torch.float32 or (
         qweight.blocksize2 == 256 and qweight.absmax2 is not None and qweight.absmax2.dtype == torch.float32
         and qweight.code2 is not None and qweight.code2.device == x2d.device)
-    return (x2d.is_cuda and 1 <= x2d.shape[0] <= 4 and K % 64 == 0 and dropout_p == 0.0 and s_t is None
-            and qweight.blocksize == 64 and dq_ok
+    return (x2d.is_cuda and 1 <= x2d.shape[0] <= EXTENSION_DECODE_MAX_ROWS and K % 64 == 0 and dropout_p == 0.0
+            and s_t is None and qweight.blocksize == 64 and dq_ok
             and x2d.stride(-1) == 1 and x2d.data_ptr() % 16 == 0 and packed.data_ptr() % 16 == 0
-            and x2d.dtype != torch.float64 and lora_A.dtype == lora_B.dtype
+            and x2d.dtype in (torch.bfloat16, torch.float16) and lora_A.dtype == lora_B.dtype
             and lora_A.dtype in (x2d.dtype, torch.float32) and not torch.compiler.is_compiling()
             and _backends.cuda_ext_available())
 

@@ -22,6 +22,20 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxRows = static_cast<int>(kDecodeMaxRows);
 constexpr int kNF4Rows = static_cast<int>(kNF4DecodeMaxRows);
 
+// Programmatic dependent launch (Hopper): a kernel launched with the programmatic-serialization attribute may
+// start while the kernel before it runs, up to its pdl_wait (which waits for that kernel's completion and
+// its writes). Both are no-ops without the attribute and before sm_90.
+__device__ inline void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ inline void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // xa[m, j] = Σ_k x[m, k]·A[j, k] in float32, with A's values rounded to x's dtype as the composite path
 // rounds them: one block per rank index j. Replaces a cuBLAS GEMM, its split-K reduction and two casts
 // (four launches, 9 µs of the 19 µs that M = 1 took on an H100) with one launch.
@@ -30,6 +44,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     lowrank_rows_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ xa, int M, int64_t K,
                         int R) {
   __shared__ float partial[ROWS][kWarpsPerBlock];
+  pdl_launch_dependents();  // the 4-bit decode streams W meanwhile and waits for xa only at its end
   const int j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float acc[ROWS];
 #pragma unroll
@@ -107,11 +122,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   finish_column<T, TB, kMaxRows>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
 }
 
-// The 4-bit (NF4, bitsandbytes layout) decode: one warp per column n of W streams its packed row once,
-// 16 bytes (32 codes, half an absmax block) per lane and step, four steps' loads in flight. Codes are looked
-// up in a shared-memory table held once per bank (value q of lane l at codes[q][l]: no bank conflicts; a
-// 256-entry table of code pairs replayed each lookup ~3.5 times and bound the kernel at 13.9 µs for a 4096²
-// W), scaled by the block's absmax and rounded to T as every other path rounds W, then meet x in float32.
+// The 4-bit (NF4, bitsandbytes layout) decode on tensor cores. A block owns 16 columns n of W and its warps
+// split K: each step of a warp covers 128 k (64 bytes per column), lane (g, i) = (lane / 4, lane % 4) holding
+// 16 bytes of columns g and g + 8 and 32 k of x's row g, which is exactly what eight mma.m16n8k16 need when
+// the k order is permuted the same way for W and x (k = 32i + 4·step + {0..3} of the 128). Each code is
+// looked up in a shared-memory table held once per bank (value q of lane l at codes[q][l]: no bank
+// conflicts), scaled by its block's absmax and rounded to T as every other path rounds W (two per cvt), and
+// fed to the mma as it is; x's bf16/fp16 pairs are the B fragment without conversion. ~4.5 instructions per
+// element, where the warp-per-column form with float32 FMAs took 8.8 (and 10.8 µs at 1×4096×4096).
 // Shared address of the code in bits [BIT, BIT + 4) of w for this lane. The table is 2 KB aligned, so
 // ((w >> BIT) & 15)·128 | (table + lane·4) is one shift and one three-input logic op.
 template <int BIT>
@@ -126,40 +144,103 @@ __device__ inline float lds_f32(uint32_t addr) {
   return v;
 }
 
-// The two bfloat16 halves of a 32-bit word as floats: one instruction each (the library's conversion took
-// two for the high half).
-__device__ inline float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ inline float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-
+// Two floats rounded to T (bf16 / fp16) and packed, the first in the low half.
 template <typename T>
-__device__ inline float2 round_pair(float a, float b) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(&p);
-    return make_float2(bf16_lo(w), bf16_hi(w));
-  } else if constexpr (std::is_same_v<T, at::Half>) {
-    return __half22float2(__floats2half2_rn(a, b));
-  } else {
-    return make_float2(a, b);
-  }
+__device__ inline uint32_t pack_rounded(float lo, float hi) {
+  uint32_t w;
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  return w;
 }
 
-// Chunks in flight per lane: each lane issues this many 16-byte loads of W before it computes on them.
-constexpr int kNF4Unroll = 4;
+// c += a·b on tensor cores, float32 accumulation: a 16×16 (row), b 16×8 (col), T = bf16 or fp16.
+template <typename T>
+__device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
-// absmax: float32 per 64-element block, or (DQ) the double-quantised form: a uint8 code per block, decoded as
-// code2[q]·absmax2[block / 256] + offset with no contraction, the bits of nf4.NF4Weight.block_absmax.
-template <typename T, typename TB, int ROWS, bool DQ>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+// The A fragments of two mma steps from one 32-bit word of a column's bytes (byte b: high nibble k = 2b, low
+// nibble 2b + 1), scaled by the block's absmax and rounded. half selects the step's two bytes in the word.
+template <typename T, int HALF>
+__device__ inline void decode_pairs(uint32_t w, uint32_t lane_base, float am, uint32_t& k01, uint32_t& k23) {
+  constexpr int B = HALF * 16;
+  k01 = pack_rounded<T>(lds_f32(code_addr<B + 4>(w, lane_base)) * am, lds_f32(code_addr<B>(w, lane_base)) * am);
+  k23 = pack_rounded<T>(lds_f32(code_addr<B + 12>(w, lane_base)) * am,
+                        lds_f32(code_addr<B + 8>(w, lane_base)) * am);
+}
+
+constexpr int kNF4Warps = 16;   // warps per block, splitting K; one block per 16 columns of W
+constexpr int kNF4Unroll = 2;   // 128-k steps whose loads a warp issues before it computes on them
+
+template <typename T, typename TB, bool DQ>
+__global__ void __launch_bounds__(kNF4Warps * 32, 2)
     nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
                       const float* __restrict__ code, const float* __restrict__ code2,
                       const float* __restrict__ absmax2, float offset, const float* __restrict__ xa,
                       const TB* __restrict__ lora_B, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K,
                       int64_t N, int R, float scale) {
-  // The codes, 16 × 32 lanes (value q for lane l at [q·32 + l]), at the first 2 KB boundary inside 4 KB (the
-  // alignment of static shared memory stops at 1 KB: the block's window starts after a reserved 1 KB); then,
-  // double-quantised, the 256 absmax codes.
-  __shared__ float smem[1024 + (DQ ? 256 : 0)];
+  __shared__ float smem[1024 + (DQ ? 256 : 0)];  // the code tables (below)
+  __shared__ float partial[kNF4Warps][16][8];     // each warp's 16 columns × 8 rows, summed at the end
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, i = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const bool col_lo = n0 + g < N, col_hi = n0 + g + 8 < N, x_row = g < M;
+  const uint8_t* w_lo = packed + (n0 + g) * (K / 2) + 16 * i;
+  const uint8_t* w_hi = w_lo + 8 * (K / 2);
+  const T* xrow = x + static_cast<int64_t>(g) * K + 32 * i;
+  const int64_t steps = (K + 127) / 128;  // K % 64 == 0: the last step may hold 64 k (lanes i < 2 only)
+  // One group of steps: this lane's bytes of both columns, x's 32 k of row g, the absmaxes (double-quantised:
+  // their codes and second-level scales, decoded once the code table is in shared memory).
+  uint4 wl[kNF4Unroll], wh[kNF4Unroll], xv[kNF4Unroll][4];
+  float al[kNF4Unroll], ah[kNF4Unroll];
+  uint32_t ql[kNF4Unroll], qh[kNF4Unroll];
+  auto live = [&](int64_t s0, int u) {
+    const int64_t s = s0 + static_cast<int64_t>(kNF4Warps) * u;
+    return s < steps && s * 128 + 32 * i < K;
+  };
+  auto load_w = [&](int64_t s0) {  // W's bytes: the stream that sets the pace
+#pragma unroll
+    for (int u = 0; u < kNF4Unroll; ++u) {
+      const int64_t s = s0 + static_cast<int64_t>(kNF4Warps) * u;
+      const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+      wl[u] = live(s0, u) && col_lo ? *reinterpret_cast<const uint4*>(w_lo + s * 64) : zero;
+      wh[u] = live(s0, u) && col_hi ? *reinterpret_cast<const uint4*>(w_hi + s * 64) : zero;
+    }
+  };
+  auto load_rest = [&](int64_t s0) {  // x and the absmaxes: small, mostly from L2
+#pragma unroll
+    for (int u = 0; u < kNF4Unroll; ++u) {
+      const int64_t s = s0 + static_cast<int64_t>(kNF4Warps) * u, k = s * 128 + 32 * i;
+      const bool on = live(s0, u);
+      const int64_t blk_lo = (n0 + g) * (K / 64) + k / 64, blk_hi = blk_lo + 8 * (K / 64);
+      if constexpr (DQ) {
+        ql[u] = on && col_lo ? static_cast<const uint8_t*>(absmax)[blk_lo] : 0u;
+        qh[u] = on && col_hi ? static_cast<const uint8_t*>(absmax)[blk_hi] : 0u;
+        al[u] = on && col_lo ? absmax2[blk_lo / 256] : 0.f;
+        ah[u] = on && col_hi ? absmax2[blk_hi / 256] : 0.f;
+      } else {
+        al[u] = on && col_lo ? static_cast<const float*>(absmax)[blk_lo] : 0.f;
+        ah[u] = on && col_hi ? static_cast<const float*>(absmax)[blk_hi] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        xv[u][j] = on && x_row ? *reinterpret_cast<const uint4*>(xrow + s * 128 + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load_w(warp);  // W's first bytes in flight before the tables are built
+  // The codes, 16 × 32 lanes, at the first 2 KB boundary inside 4 KB (the alignment of static shared memory
+  // stops at 1 KB: the block's window starts after a reserved 1 KB); then, double-quantised, the 256 absmax
+  // codes.
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   float* codes = smem + (((raw + 2047u) & ~2047u) - raw) / 4;
   float* code2_s = smem + 1024;
@@ -168,79 +249,48 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     for (int b = threadIdx.x; b < 256; b += blockDim.x) code2_s[b] = code2[b];
   }
   __syncthreads();
-  const int lane = threadIdx.x % 32;
   const uint32_t lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(codes + lane));
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (n >= N) return;
-  float acc[ROWS];
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t s0 = warp; s0 < steps; s0 += kNF4Warps * kNF4Unroll) {
+    load_rest(s0);
+    if constexpr (DQ) {  // code2[q]·absmax2 + offset with no contraction: nf4.NF4Weight.block_absmax's bits
 #pragma unroll
-  for (int m = 0; m < ROWS; ++m) acc[m] = 0.f;
-  const int64_t chunks = K / 32;  // K % 64 == 0: whole 16-byte chunks, two per absmax block
-  const uint4* wrow = reinterpret_cast<const uint4*>(packed + n * (K / 2));
-  const int64_t block0 = n * (K / 64);
-  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kNF4Unroll) {
-    uint4 w[kNF4Unroll];
-    float am[kNF4Unroll];
-#pragma unroll
-    for (int u = 0; u < kNF4Unroll; ++u) {  // every load of the group first: bytes in flight
-      const int64_t c = c0 + 32 * u;
-      if (c < chunks) {
-        w[u] = wrow[c];
-        const int64_t blk = block0 + c / 2;
-        if constexpr (DQ) {
-          const uint8_t q = static_cast<const uint8_t*>(absmax)[blk];
-          am[u] = __fadd_rn(__fmul_rn(code2_s[q], absmax2[blk / 256]), offset);
-        } else {
-          am[u] = static_cast<const float*>(absmax)[blk];
-        }
+      for (int u = 0; u < kNF4Unroll; ++u) {
+        al[u] = __fadd_rn(__fmul_rn(code2_s[ql[u]], al[u]), offset);
+        ah[u] = __fadd_rn(__fmul_rn(code2_s[qh[u]], ah[u]), offset);
       }
     }
 #pragma unroll
     for (int u = 0; u < kNF4Unroll; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c >= chunks) break;
-      const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+      const uint32_t lo[4] = {wl[u].x, wl[u].y, wl[u].z, wl[u].w}, hi[4] = {wh[u].x, wh[u].y, wh[u].z, wh[u].w};
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // x[m, 32c + 8q .. + 8]: one 16-byte load per row (T = bf16/fp16), or two for float32
-        float xv[ROWS][8];
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) {
-          if (m < M) {
-            const T* xp = x + m * K + c * 32 + q * 8;
-            if constexpr (std::is_same_v<T, at::BFloat16>) {
-              const uint4 v = *reinterpret_cast<const uint4*>(xp);
-              const uint32_t vw[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-              for (int i = 0; i < 4; ++i) xv[m][2 * i] = bf16_lo(vw[i]), xv[m][2 * i + 1] = bf16_hi(vw[i]);
-            } else if constexpr (sizeof(T) == 2) {
-              const Vec<T, 8> v = load_vec<T, 8>(xp);
-#pragma unroll
-              for (int i = 0; i < 8; ++i) xv[m][i] = static_cast<float>(v.v[i]);
-            } else {
-              const Vec<T, 4> lo = load_vec<T, 4>(xp), hi = load_vec<T, 4>(xp + 4);
-#pragma unroll
-              for (int i = 0; i < 4; ++i) xv[m][i] = static_cast<float>(lo.v[i]), xv[m][i + 4] = static_cast<float>(hi.v[i]);
-            }
-          }
-        }
-        float ce[4], co[4];  // byte b: its high nibble codes column 2b, its low nibble 2b + 1
-        const uint32_t wq = words[q];
-        ce[0] = lds_f32(code_addr<4>(wq, lane_base)), co[0] = lds_f32(code_addr<0>(wq, lane_base));
-        ce[1] = lds_f32(code_addr<12>(wq, lane_base)), co[1] = lds_f32(code_addr<8>(wq, lane_base));
-        ce[2] = lds_f32(code_addr<20>(wq, lane_base)), co[2] = lds_f32(code_addr<16>(wq, lane_base));
-        ce[3] = lds_f32(code_addr<28>(wq, lane_base)), co[3] = lds_f32(code_addr<24>(wq, lane_base));
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const float2 wv = round_pair<T>(ce[b] * am[u], co[b] * am[u]);
-#pragma unroll
-          for (int m = 0; m < ROWS; ++m)
-            if (m < M) acc[m] = fmaf(wv.y, xv[m][2 * b + 1], fmaf(wv.x, xv[m][2 * b], acc[m]));
-        }
+      for (int j = 0; j < 4; ++j) {  // word j of each column: mma steps 2j and 2j + 1
+        uint32_t a[4];
+        decode_pairs<T, 0>(lo[j], lane_base, al[u], a[0], a[2]);
+        decode_pairs<T, 0>(hi[j], lane_base, ah[u], a[1], a[3]);
+        mma_16816<T>(c, a, xv[u][j].x, xv[u][j].y);
+        decode_pairs<T, 1>(lo[j], lane_base, al[u], a[0], a[2]);
+        decode_pairs<T, 1>(hi[j], lane_base, ah[u], a[1], a[3]);
+        mma_16816<T>(c, a, xv[u][j].z, xv[u][j].w);
       }
     }
+    if (s0 + kNF4Warps * kNF4Unroll < steps) load_w(s0 + kNF4Warps * kNF4Unroll);
   }
-  finish_column<T, TB, ROWS>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
+  // c: (column g, x row 2i), (g, 2i + 1), (g + 8, 2i), (g + 8, 2i + 1); summed over the warps, then the LoRA
+  // term s·Σ_j xa[m, j]·B[n, j] and the bias, one store per (row, column).
+  partial[warp][g][2 * i] = c[0], partial[warp][g][2 * i + 1] = c[1];
+  partial[warp][g + 8][2 * i] = c[2], partial[warp][g + 8][2 * i + 1] = c[3];
+  __syncthreads();
+  const int col = threadIdx.x % 16, m = threadIdx.x / 16;
+  const int64_t n = n0 + col;
+  if (m < M && n < N) {
+    pdl_wait();  // xa: written by the x·Aᵀ kernel, which may have run until now beside this one
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNF4Warps; ++w) v += partial[w][col][m];
+    for (int j = 0; j < R; ++j) v = fmaf(scale * static_cast<float>(lora_B[n * R + j]), xa[m * R + j], v);
+    y[m * N + n] = static_cast<T>(bias != nullptr ? v + static_cast<float>(bias[n]) : v);
+  }
 }
 
 // Adapters come in x's dtype or in float32 (the Python layer's contract); the kernels read them as they are.
@@ -326,7 +376,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
                                                    const c10::optional<at::Tensor>& absmax2, double offset) {
   check_float(x, "x");
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt != at::kDouble, "x: float64 has no 4-bit kernel");
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "x: the 4-bit decode kernel takes bfloat16 or float16 "
+              "(its tensor cores' inputs), got ", dt);
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kNF4DecodeMaxRows, "x: expected 1 to ",
               kNF4DecodeMaxRows, " rows, got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1);
@@ -372,29 +423,30 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
   after_lowrank_rows<kNF4Rows>(xc, Ac, xa, [&](auto tag, auto adapter_tag) {
     using scalar_t = decltype(tag);
     using adapter_t = decltype(adapter_tag);
-    const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
-    auto run = [&](auto kernel) {  // registers for the rows at hand only: 1, 2 or 4
-      kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-          xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), absmax.data_ptr(), cc.data_ptr<float>(),
-          dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
-          static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
-          bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M), K, N, R,
-          static_cast<float>(scaling));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    auto by_rows = [&](auto dq_tag) {
-      constexpr bool DQ = decltype(dq_tag)::value;
-      if (M == 1)
-        run(nf4_decode_kernel<scalar_t, adapter_t, 1, DQ>);
-      else if (M == 2)
-        run(nf4_decode_kernel<scalar_t, adapter_t, 2, DQ>);
+    if constexpr (sizeof(scalar_t) == 2) {  // bf16 / fp16: the tensor cores' input types
+      // Launched as a programmatic dependent of the x·Aᵀ kernel: W streams while xa is computed.
+      cudaLaunchAttribute pdl[1];
+      pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      pdl[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(static_cast<unsigned>((N + 15) / 16));
+      cfg.blockDim = dim3(kNF4Warps * 32);
+      cfg.stream = stream;
+      cfg.attrs = pdl;
+      cfg.numAttrs = 1;
+      auto run = [&](auto kernel) {
+        C10_CUDA_CHECK(cudaLaunchKernelEx(
+            &cfg, kernel, xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), static_cast<const void*>(absmax.data_ptr()),
+            cc.data_ptr<float>(), dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
+            static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
+            bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M), K, N,
+            R, static_cast<float>(scaling)));
+      };
+      if (dq)
+        run(nf4_decode_kernel<scalar_t, adapter_t, true>);
       else
-        run(nf4_decode_kernel<scalar_t, adapter_t, kNF4Rows, DQ>);
-    };
-    if (dq)
-      by_rows(std::true_type{});
-    else
-      by_rows(std::false_type{});
+        run(nf4_decode_kernel<scalar_t, adapter_t, false>);
+    }
   });
   return {y, xa};
 }

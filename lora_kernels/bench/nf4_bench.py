@@ -10,7 +10,7 @@ from . import providers as P
 from .gpu import time_fn
 
 SHAPES = [(4096, 4096), (4096, 14336)]
-MS = [1, 4, 16, 8192]
+MS = [1, 4, 8, 16, 8192]
 
 
 def _bnb_peft(weight, r):
@@ -40,7 +40,7 @@ def run(r=16, log=print):
         for M in MS:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             fns = {"base": lambda: x @ w.t(), "triton": lambda: layer(x)}
-            if M <= 4:  # the extension's decode kernel, and auto's timed pick between it and Triton's paths
+            if M <= nf4.EXTENSION_DECODE_MAX_ROWS:  # the extension's decode kernel, and auto's timed pick
                 for be in ("cuda", "auto"):
                     fns[be] = lambda be=be: nf4.lora4_linear(x, layer.qweight, layer.lora_A, layer.lora_B,
                                                              layer.scaling, backend=be)
