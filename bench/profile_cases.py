@@ -129,7 +129,7 @@ def main(only=()):
     a = (torch.randn(r, K, device=dev) / K**0.5).to(dt).requires_grad_()
     b = (torch.randn(N, r, device=dev) / r**0.5).to(dt).requires_grad_()
     cases = []
-    for M in (1, 16, 64, 2048, 8192):
+    for M in (1, 4, 8, 16, 64, 2048, 8192):
         x = torch.randn(M, K, device=dev, dtype=dt)
         cases.append((f"cublas x@Wt M={M}", _no_grad(lambda x=x: x @ w.t())))
         for be in ("triton", "cuda"):
@@ -151,7 +151,7 @@ def main(only=()):
                 lk.merge_(wm, am, bm, 0.5, backend=be), am, bm, 0.5, backend=be)))
     layer = nf4.FusedLoRALinear4bit.from_linear(nn.Linear(K, N, bias=False, device=dev, dtype=dt), r=r,
                                                 lora_alpha=2 * r, backend="triton")
-    for M in (1, 4, 8, 8192):
+    for M in (1, 4, 16, 8192):
         x = torch.randn(M, K, device=dev, dtype=dt)
         cases.append((f"nf4 triton M={M}", _no_grad(lambda x=x: layer(x))))
         if M <= nf4.EXTENSION_DECODE_MAX_ROWS and lk.cuda_ext_available():

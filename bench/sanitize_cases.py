@@ -22,7 +22,8 @@ if sys.argv[1:]:
         raise SystemExit(f"backend(s) not available here: {sorted(missing)}")
     backends = sys.argv[1:]
 for backend in backends:
-    for M, K, N, r in ((1, 100, 70, 3), (3, 257, 129, 16), (1000, 200, 90, 33)):
+    # M = 5, K = 136: the tensor-core decode (16-bit x; a partial 128-k step and 16-column tile)
+    for M, K, N, r in ((1, 100, 70, 3), (3, 257, 129, 16), (5, 136, 100, 8), (1000, 200, 90, 33)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for p, adapter_dtype in ((0.0, torch.float32), (0.1, torch.float32), (0.1, dtype)):
                 x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)

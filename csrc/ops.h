@@ -43,10 +43,11 @@ void dropout_pair_into(const at::Tensor& x, at::Tensor& out, at::Tensor& y, cons
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).
 at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::Tensor>& seed);
 
-// Largest M served by the CUDA decode kernel (one pass over W for all rows). Each warp re-reads every
-// row of x for each slice of W it loads, so x's L2 traffic is M times W's: at 16 rows the kernel ran
-// 103 us for a 4096x4096 bf16 W on an H100 (cuBLAS: 9 us); past 2 rows the composite path is faster.
-constexpr int64_t kDecodeMaxRows = 2;
+// Largest M served by the CUDA decode kernels (one pass over W for all rows): x's rows are the 8 columns of
+// one tensor-core product per step (16-bit x and W); float32 or unaligned calls take an FMA kernel up to 2
+// rows (it re-read x per slice of W: 103 us at 16 rows for a 4096x4096 W on an H100, cuBLAS 9 us) and the
+// composite path beyond.
+constexpr int64_t kDecodeMaxRows = 8;
 // Largest M served by the 4-bit decode kernel (cuda/decode.cu): x's rows are the 8 columns of one tensor-core
 // product per step, so 1 to 8 rows cost one pass over W alike; the Triton paths serve the rest.
 constexpr int64_t kNF4DecodeMaxRows = 8;

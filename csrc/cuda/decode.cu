@@ -1,7 +1,7 @@
-// Forward for small batches (M <= kDecodeMaxRows): memory bound on W, so one launch streams each
-// row of W once (16-byte loads, one warp per output column) and serves every row of x from it;
-// the LoRA term s·(x·Aᵀ)·Bᵀ joins the same warp reduction. x·Aᵀ comes from one small kernel before it.
-// Larger M goes to cuBLAS (composite).
+// Forward for small batches (M <= kDecodeMaxRows): memory bound on W, so one launch streams W once and
+// serves every row of x from it, 16-bit or NF4 W on tensor cores (mma_decode_kernel), float32 by FMAs
+// (decode_kernel, 2 rows); the LoRA term s·(x·Aᵀ)·Bᵀ joins the epilogue. x·Aᵀ comes from one small kernel
+// launched before it. Larger M goes to cuBLAS (composite).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,6 +20,7 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxRows = static_cast<int>(kDecodeMaxRows);
+constexpr int kFmaDecodeMaxRows = 2;  // decode_kernel's rows: past 2 it re-read x more than cuBLAS reads W
 constexpr int kNF4Rows = static_cast<int>(kNF4DecodeMaxRows);
 
 // Programmatic dependent launch (Hopper): a kernel launched with the programmatic-serialization attribute may
@@ -102,16 +103,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (n >= N) return;
-  float acc[kMaxRows];
+  float acc[kFmaDecodeMaxRows];
 #pragma unroll
-  for (int m = 0; m < kMaxRows; ++m) acc[m] = 0.f;
+  for (int m = 0; m < kFmaDecodeMaxRows; ++m) acc[m] = 0.f;
 
   const T* wrow = w + n * K;
 #pragma unroll 4
   for (int64_t k = static_cast<int64_t>(lane) * VEC; k < K; k += 32 * VEC) {
     const Vec<T, VEC> wv = load_vec<T, VEC>(wrow + k);
 #pragma unroll
-    for (int m = 0; m < kMaxRows; ++m) {
+    for (int m = 0; m < kFmaDecodeMaxRows; ++m) {
       if (m < M) {
         const Vec<T, VEC> xv = load_vec<T, VEC>(x + m * K + k);
 #pragma unroll
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       }
     }
   }
-  finish_column<T, TB, kMaxRows>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
+  finish_column<T, TB, kFmaDecodeMaxRows>(acc, xa, lora_B, bias, y, M, N, R, n, lane, scale);
 }
 
 // The 4-bit (NF4, bitsandbytes layout) decode on tensor cores. A block owns 16 columns n of W and its warps
@@ -180,101 +181,145 @@ __device__ inline void decode_pairs(uint32_t w, uint32_t lane_base, float am, ui
                         lds_f32(code_addr<B + 8>(w, lane_base)) * am);
 }
 
-constexpr int kNF4Warps = 16;   // warps per block, splitting K; one block per 16 columns of W
-constexpr int kNF4Unroll = 2;   // 128-k steps whose loads a warp issues before it computes on them
+__device__ inline uint32_t word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
-template <typename T, typename TB, bool DQ>
-__global__ void __launch_bounds__(kNF4Warps * 32, 2)
-    nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
+// W's formats for the tensor-core decode: 16-bit values as stored, or NF4 codes with float32 absmaxes or
+// double-quantised ones.
+enum class WFormat { kDense, kNF4, kNF4DQ };
+
+template <WFormat F>
+struct MmaDecode {
+  static constexpr bool kNF4 = F != WFormat::kDense;
+  // 16-byte chunks of W per lane, column and 128-k step: NF4 32 codes in one, 16-bit W 8 values in each of four
+  static constexpr int kChunks = kNF4 ? 1 : 4;
+  static constexpr int kStepBytes = kNF4 ? 64 : 256;  // a column's bytes per step
+  // warps per block (splitting K), two blocks per SM: NF4 decodes in registers (64 per thread), 16-bit W
+  // holds twice the bytes in flight instead (128)
+  static constexpr int kWarps = kNF4 ? 16 : 8;
+  static constexpr int kUnroll = 2;  // steps whose loads a warp issues before it computes on them
+};
+
+// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias for up to 8 rows of x (bf16 / fp16) on tensor cores. A block owns 16 columns
+// n of W and its warps split K in steps of 128 k; in a step lane (g, i) = (lane / 4, lane % 4) holds 32 k of
+// columns g and g + 8 and of x's row g, which are the fragments of eight mma.m16n8k16 when W and x take the
+// same permutation of k (k = 32i + 4·t + {0..3} for mma t of the step). NF4 codes are looked up in a
+// shared-memory table held once per bank (value q of lane l at codes[q][l]: no bank conflicts), scaled by
+// their block's absmax and rounded to T as every other path rounds W (two per cvt); 16-bit W and x go to the
+// tensor cores as loaded. The x·Aᵀ kernel runs beside this one (programmatic dependent launch) and xa is
+// read only in the epilogue. absmax: float32 per 64-element block, or (kNF4DQ) a uint8 code per block,
+// decoded as code2[q]·absmax2[block / 256] + offset with no contraction (nf4.NF4Weight.block_absmax's bits).
+template <typename T, typename TB, WFormat F>
+__global__ void __launch_bounds__(MmaDecode<F>::kWarps * 32, 2)
+    mma_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, const void* __restrict__ absmax,
                       const float* __restrict__ code, const float* __restrict__ code2,
                       const float* __restrict__ absmax2, float offset, const float* __restrict__ xa,
                       const TB* __restrict__ lora_B, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K,
                       int64_t N, int R, float scale) {
-  __shared__ float smem[1024 + (DQ ? 256 : 0)];  // the code tables (below)
-  __shared__ float partial[kNF4Warps][16][8];     // each warp's 16 columns × 8 rows, summed at the end
+  using P = MmaDecode<F>;
+  constexpr int U = P::kUnroll, C = P::kChunks;
+  constexpr bool DQ = F == WFormat::kNF4DQ;
+  __shared__ float smem[P::kNF4 ? 1024 + (DQ ? 256 : 0) : 1];  // the code tables (below)
+  __shared__ float partial[P::kWarps][16][8];  // each warp's 16 columns × 8 rows, summed at the end
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, i = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
   const bool col_lo = n0 + g < N, col_hi = n0 + g + 8 < N, x_row = g < M;
-  const uint8_t* w_lo = packed + (n0 + g) * (K / 2) + 16 * i;
-  const uint8_t* w_hi = w_lo + 8 * (K / 2);
+  const int64_t row_bytes = P::kNF4 ? K / 2 : K * static_cast<int64_t>(sizeof(T));
+  const uint8_t* w_lo = w + (n0 + g) * row_bytes + i * (P::kStepBytes / 4);
+  const uint8_t* w_hi = w_lo + 8 * row_bytes;
   const T* xrow = x + static_cast<int64_t>(g) * K + 32 * i;
-  const int64_t steps = (K + 127) / 128;  // K % 64 == 0: the last step may hold 64 k (lanes i < 2 only)
-  // One group of steps: this lane's bytes of both columns, x's 32 k of row g, the absmaxes (double-quantised:
-  // their codes and second-level scales, decoded once the code table is in shared memory).
-  uint4 wl[kNF4Unroll], wh[kNF4Unroll], xv[kNF4Unroll][4];
-  float al[kNF4Unroll], ah[kNF4Unroll];
-  uint32_t ql[kNF4Unroll], qh[kNF4Unroll];
-  auto live = [&](int64_t s0, int u) {
-    const int64_t s = s0 + static_cast<int64_t>(kNF4Warps) * u;
-    return s < steps && s * 128 + 32 * i < K;
+  // the last step may be partial: K % 64 == 0 (NF4, lanes i < 2 only) or K % 8 == 0 (whole 16-byte chunks)
+  const int64_t steps = (K + 127) / 128;
+  // U steps: this lane's chunks of both columns and of x's row g, and the absmaxes (double-quantised: their
+  // codes and second-level scales, decoded once the code table is in shared memory)
+  uint4 wl[U][C], wh[U][C], xv[U][4];
+  float al[U], ah[U];
+  uint32_t ql[U], qh[U];
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  auto live = [&](int64_t s0, int u, int j) {  // chunk j of x (8 k) in step s0 + kWarps·u
+    const int64_t s = s0 + static_cast<int64_t>(P::kWarps) * u;
+    return s < steps && s * 128 + 32 * i + (P::kNF4 ? 0 : 8 * j) < K;  // NF4: K % 64 == 0, all four or none
   };
   auto load_w = [&](int64_t s0) {  // W's bytes: the stream that sets the pace
 #pragma unroll
-    for (int u = 0; u < kNF4Unroll; ++u) {
-      const int64_t s = s0 + static_cast<int64_t>(kNF4Warps) * u;
-      const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-      wl[u] = live(s0, u) && col_lo ? *reinterpret_cast<const uint4*>(w_lo + s * 64) : zero;
-      wh[u] = live(s0, u) && col_hi ? *reinterpret_cast<const uint4*>(w_hi + s * 64) : zero;
+    for (int u = 0; u < U; ++u) {
+      const int64_t at = (s0 + static_cast<int64_t>(P::kWarps) * u) * P::kStepBytes;
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        const bool on = live(s0, u, j);
+        wl[u][j] = on && col_lo ? *reinterpret_cast<const uint4*>(w_lo + at + 16 * j) : zero;
+        wh[u][j] = on && col_hi ? *reinterpret_cast<const uint4*>(w_hi + at + 16 * j) : zero;
+      }
     }
   };
   auto load_rest = [&](int64_t s0) {  // x and the absmaxes: small, mostly from L2
 #pragma unroll
-    for (int u = 0; u < kNF4Unroll; ++u) {
-      const int64_t s = s0 + static_cast<int64_t>(kNF4Warps) * u, k = s * 128 + 32 * i;
-      const bool on = live(s0, u);
-      const int64_t blk_lo = (n0 + g) * (K / 64) + k / 64, blk_hi = blk_lo + 8 * (K / 64);
-      if constexpr (DQ) {
-        ql[u] = on && col_lo ? static_cast<const uint8_t*>(absmax)[blk_lo] : 0u;
-        qh[u] = on && col_hi ? static_cast<const uint8_t*>(absmax)[blk_hi] : 0u;
-        al[u] = on && col_lo ? absmax2[blk_lo / 256] : 0.f;
-        ah[u] = on && col_hi ? absmax2[blk_hi / 256] : 0.f;
-      } else {
-        al[u] = on && col_lo ? static_cast<const float*>(absmax)[blk_lo] : 0.f;
-        ah[u] = on && col_hi ? static_cast<const float*>(absmax)[blk_hi] : 0.f;
+    for (int u = 0; u < U; ++u) {
+      const int64_t s = s0 + static_cast<int64_t>(P::kWarps) * u, k = s * 128 + 32 * i;
+      if constexpr (P::kNF4) {
+        const bool on = live(s0, u, 0);
+        const int64_t blk_lo = (n0 + g) * (K / 64) + k / 64, blk_hi = blk_lo + 8 * (K / 64);
+        if constexpr (DQ) {
+          ql[u] = on && col_lo ? static_cast<const uint8_t*>(absmax)[blk_lo] : 0u;
+          qh[u] = on && col_hi ? static_cast<const uint8_t*>(absmax)[blk_hi] : 0u;
+          al[u] = on && col_lo ? absmax2[blk_lo / 256] : 0.f;
+          ah[u] = on && col_hi ? absmax2[blk_hi / 256] : 0.f;
+        } else {
+          al[u] = on && col_lo ? static_cast<const float*>(absmax)[blk_lo] : 0.f;
+          ah[u] = on && col_hi ? static_cast<const float*>(absmax)[blk_hi] : 0.f;
+        }
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        xv[u][j] = on && x_row ? *reinterpret_cast<const uint4*>(xrow + s * 128 + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
+        xv[u][j] = live(s0, u, j) && x_row ? *reinterpret_cast<const uint4*>(xrow + s * 128 + 8 * j) : zero;
     }
   };
   load_w(warp);  // W's first bytes in flight before the tables are built
-  // The codes, 16 × 32 lanes, at the first 2 KB boundary inside 4 KB (the alignment of static shared memory
-  // stops at 1 KB: the block's window starts after a reserved 1 KB); then, double-quantised, the 256 absmax
-  // codes.
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  float* codes = smem + (((raw + 2047u) & ~2047u) - raw) / 4;
+  uint32_t lane_base = 0;
   float* code2_s = smem + 1024;
-  for (int b = threadIdx.x; b < 512; b += blockDim.x) codes[b] = code[b / 32];
-  if constexpr (DQ) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) code2_s[b] = code2[b];
+  if constexpr (P::kNF4) {
+    // The codes, 16 × 32 lanes, at the first 2 KB boundary inside 4 KB (the alignment of static shared memory
+    // stops at 1 KB: the block's window starts after a reserved 1 KB); then, double-quantised, the 256 absmax
+    // codes.
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    float* codes = smem + (((raw + 2047u) & ~2047u) - raw) / 4;
+    for (int b = threadIdx.x; b < 512; b += blockDim.x) codes[b] = code[b / 32];
+    if constexpr (DQ) {
+      for (int b = threadIdx.x; b < 256; b += blockDim.x) code2_s[b] = code2[b];
+    }
+    __syncthreads();
+    lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(codes + lane));
   }
-  __syncthreads();
-  const uint32_t lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(codes + lane));
   float c[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t s0 = warp; s0 < steps; s0 += kNF4Warps * kNF4Unroll) {
+  for (int64_t s0 = warp; s0 < steps; s0 += P::kWarps * U) {
     load_rest(s0);
-    if constexpr (DQ) {  // code2[q]·absmax2 + offset with no contraction: nf4.NF4Weight.block_absmax's bits
+    if constexpr (DQ) {
 #pragma unroll
-      for (int u = 0; u < kNF4Unroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         al[u] = __fadd_rn(__fmul_rn(code2_s[ql[u]], al[u]), offset);
         ah[u] = __fadd_rn(__fmul_rn(code2_s[qh[u]], ah[u]), offset);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kNF4Unroll; ++u) {
-      const uint32_t lo[4] = {wl[u].x, wl[u].y, wl[u].z, wl[u].w}, hi[4] = {wh[u].x, wh[u].y, wh[u].z, wh[u].w};
+    for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {  // word j of each column: mma steps 2j and 2j + 1
+      for (int j = 0; j < 4; ++j) {  // x's chunk j: mma steps 2j and 2j + 1
         uint32_t a[4];
-        decode_pairs<T, 0>(lo[j], lane_base, al[u], a[0], a[2]);
-        decode_pairs<T, 0>(hi[j], lane_base, ah[u], a[1], a[3]);
-        mma_16816<T>(c, a, xv[u][j].x, xv[u][j].y);
-        decode_pairs<T, 1>(lo[j], lane_base, al[u], a[0], a[2]);
-        decode_pairs<T, 1>(hi[j], lane_base, ah[u], a[1], a[3]);
+        if constexpr (P::kNF4) {  // word j of each column's chunk
+          const uint32_t lo = word(wl[u][0], j), hi = word(wh[u][0], j);
+          decode_pairs<T, 0>(lo, lane_base, al[u], a[0], a[2]);
+          decode_pairs<T, 0>(hi, lane_base, ah[u], a[1], a[3]);
+          mma_16816<T>(c, a, xv[u][j].x, xv[u][j].y);
+          decode_pairs<T, 1>(lo, lane_base, al[u], a[0], a[2]);
+          decode_pairs<T, 1>(hi, lane_base, ah[u], a[1], a[3]);
+        } else {  // chunk j of each column, as loaded
+          a[0] = wl[u][j].x, a[1] = wh[u][j].x, a[2] = wl[u][j].y, a[3] = wh[u][j].y;
+          mma_16816<T>(c, a, xv[u][j].x, xv[u][j].y);
+          a[0] = wl[u][j].z, a[1] = wh[u][j].z, a[2] = wl[u][j].w, a[3] = wh[u][j].w;
+        }
         mma_16816<T>(c, a, xv[u][j].z, xv[u][j].w);
       }
     }
-    if (s0 + kNF4Warps * kNF4Unroll < steps) load_w(s0 + kNF4Warps * kNF4Unroll);
+    if (s0 + P::kWarps * U < steps) load_w(s0 + P::kWarps * U);
   }
   // c: (column g, x row 2i), (g, 2i + 1), (g + 8, 2i), (g + 8, 2i + 1); summed over the warps, then the LoRA
   // term s·Σ_j xa[m, j]·B[n, j] and the bias, one store per (row, column).
@@ -287,10 +332,29 @@ __global__ void __launch_bounds__(kNF4Warps * 32, 2)
     pdl_wait();  // xa: written by the x·Aᵀ kernel, which may have run until now beside this one
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kNF4Warps; ++w) v += partial[w][col][m];
+    for (int w = 0; w < P::kWarps; ++w) v += partial[w][col][m];
     for (int j = 0; j < R; ++j) v = fmaf(scale * static_cast<float>(lora_B[n * R + j]), xa[m * R + j], v);
     y[m * N + n] = static_cast<T>(bias != nullptr ? v + static_cast<float>(bias[n]) : v);
   }
+}
+
+// Launches mma_decode_kernel<F> as a programmatic dependent of the x·Aᵀ kernel just launched on the stream.
+template <typename T, typename TB, WFormat F>
+void launch_mma_decode(const T* x, const void* w, const void* absmax, const float* code, const float* code2,
+                       const float* absmax2, float offset, const float* xa, const TB* lora_B, const T* bias, T* y,
+                       int64_t M, int64_t K, int64_t N, int R, float scale, cudaStream_t stream) {
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>((N + 15) / 16));
+  cfg.blockDim = dim3(MmaDecode<F>::kWarps * 32);
+  cfg.stream = stream;
+  cfg.attrs = pdl;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mma_decode_kernel<T, TB, F>, x, static_cast<const uint8_t*>(w), absmax,
+                                    code, code2, absmax2, offset, xa, lora_B, bias, y, static_cast<int>(M), K, N, R,
+                                    scale));
 }
 
 // Adapters come in x's dtype or in float32 (the Python layer's contract); the kernels read them as they are.
@@ -333,6 +397,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
     return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  // 16-bit x and W in 16-byte chunks: the tensor-core kernel (up to 8 rows); else the FMA kernel (2 rows)
+  const bool mma = (dt == at::kBFloat16 || dt == at::kHalf) && x.size(1) % 8 == 0 && aligned16(xc.data_ptr()) &&
+                   aligned16(wc.data_ptr());
+  if (!mma && x.size(0) > kFmaDecodeMaxRows)
+    return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
   const at::Tensor Ac = lora_A.contiguous(), Bc = lora_B.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->to(dt).contiguous() : at::Tensor();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -344,8 +413,17 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   after_lowrank_rows<kMaxRows>(xc, Ac, xa, [&](auto tag, auto adapter_tag) {
     using scalar_t = decltype(tag);
     using adapter_t = decltype(adapter_tag);
-    constexpr int V = 16 / sizeof(scalar_t);
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+    if (N == 0) return;
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (mma) {
+        launch_mma_decode<scalar_t, adapter_t, WFormat::kDense>(
+            xc.data_ptr<scalar_t>(), wc.data_ptr(), nullptr, nullptr, nullptr, nullptr, 0.f, xa.data_ptr<float>(),
+            Bc.data_ptr<adapter_t>(), bp, y.data_ptr<scalar_t>(), M, K, N, R, static_cast<float>(scaling), stream);
+        return;
+      }
+    }
+    constexpr int V = 16 / sizeof(scalar_t);
     const bool vec = K % V == 0 && aligned16(xc.data_ptr()) && aligned16(wc.data_ptr());
     auto run = [&](auto kernel) {
       kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
@@ -354,8 +432,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                                                        static_cast<float>(scaling));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (N == 0)
-      return;
     if (vec)
       run(decode_kernel<scalar_t, V, adapter_t>);
     else
@@ -424,28 +500,18 @@ std::tuple<at::Tensor, at::Tensor> nf4_decode_cuda(const at::Tensor& x, const at
     using scalar_t = decltype(tag);
     using adapter_t = decltype(adapter_tag);
     if constexpr (sizeof(scalar_t) == 2) {  // bf16 / fp16: the tensor cores' input types
-      // Launched as a programmatic dependent of the x·Aᵀ kernel: W streams while xa is computed.
-      cudaLaunchAttribute pdl[1];
-      pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      pdl[0].val.programmaticStreamSerializationAllowed = 1;
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(static_cast<unsigned>((N + 15) / 16));
-      cfg.blockDim = dim3(kNF4Warps * 32);
-      cfg.stream = stream;
-      cfg.attrs = pdl;
-      cfg.numAttrs = 1;
-      auto run = [&](auto kernel) {
-        C10_CUDA_CHECK(cudaLaunchKernelEx(
-            &cfg, kernel, xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), static_cast<const void*>(absmax.data_ptr()),
-            cc.data_ptr<float>(), dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
+      auto run = [&](auto format) {
+        launch_mma_decode<scalar_t, adapter_t, decltype(format)::value>(
+            xc.data_ptr<scalar_t>(), packed.data_ptr(), absmax.data_ptr(), cc.data_ptr<float>(),
+            dq ? code2->data_ptr<float>() : nullptr, dq ? absmax2->data_ptr<float>() : nullptr,
             static_cast<float>(offset), xa.data_ptr<float>(), Bc.data_ptr<adapter_t>(),
-            bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M), K, N,
-            R, static_cast<float>(scaling)));
+            bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, K, N, R,
+            static_cast<float>(scaling), stream);
       };
       if (dq)
-        run(nf4_decode_kernel<scalar_t, adapter_t, true>);
+        run(std::integral_constant<WFormat, WFormat::kNF4DQ>{});
       else
-        run(nf4_decode_kernel<scalar_t, adapter_t, false>);
+        run(std::integral_constant<WFormat, WFormat::kNF4>{});
     }
   });
   return {y, xa};
