@@ -46,9 +46,9 @@ def test_oracle_random_shapes(backend, case):
 def test_cuda_decode_kernel(dtype, M, K, r, adapter_fp32):
     """The CUDA decode path (its x·Aᵀ kernel, then one pass over W): 16-bit x on tensor cores up to 8 rows
     (K = 136 and 1000 end on a partial 128-k step, 300 columns on a partial 16-column tile), float32 x and
-    K = 33 by FMAs up to 2 rows and the composite beyond (M = 7), as past 8 rows (M = 12); rows·r >= 8 as in the property tests
-    (below that a gradient hinges on one or two roundings), adapters in x's dtype or float32, every gradient
-    (dB reads the x·Aᵀ it saved)."""
+    K = 33 by FMAs up to 2 rows and the composite beyond (M = 7), as past 8 rows (M = 12); rows·r >= 8 as in
+    the property tests (below that a gradient hinges on one or two roundings), adapters in x's dtype or
+    float32, every gradient (dB reads the x·Aᵀ it saved)."""
     inputs = make_inputs(M, K, 300, r, dtype, device="cuda", bias=M == 1,
                          adapter_dtype=torch.float32 if adapter_fp32 else None)
     oracle_check(*inputs, dropout_p=0.0, backend="cuda", seed=M * K + r)
