@@ -89,6 +89,20 @@ def test_unsupported_layers_keep_peft_forward(caplog):
     assert "DoRA" in caplog.text
 
 
+def test_base_layer_walk_matches_peft():
+    """The forward's base-layer walk (through _modules, not hasattr) finds what peft's get_base_layer finds,
+    for every LoRA layer, including one whose base is itself wrapped."""
+    from lora_kernels.patch import _base_layer
+    model = _tiny_llama()
+    layers = [m for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "lora_A")]
+    assert layers and all(_base_layer(m) is m.get_base_layer() for m in layers)
+    outer = layers[0]
+    inner = type("Wrapped", (nn.Module,), {})()
+    inner.base_layer = outer.base_layer
+    outer.base_layer = inner
+    assert _base_layer(outer) is outer.get_base_layer() is inner.base_layer
+
+
 def test_unpatch_restores_forward():
     model = _tiny_llama()
     lk.patch(model)
