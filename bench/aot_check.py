@@ -159,11 +159,16 @@ def variants():
     yield "NF4 dequantise whole W", nf4_mod._dequantize_kernel, {"*": "*fp32", "b_ptr": "*u8", "out_ptr": "*bf16"}, \
         dict(BLOCK_N=32, BLOCK_K=256), dict(num_warps=4)
     tma = dict(B_ROWS_ARE_N=True, HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, DOT_PRECISION="tf32",
-               BLOCK_R=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+               BLOCK_R=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=False)
     tma_ptrs = {"*": "*fp32", "a_desc": "tensordesc<bf16[128, 64]>", "b_desc": "tensordesc<bf16[128, 64]>",
                 "c_ptr": "*bf16", "bias_ptr": "*bf16", "seed_ptr": "*i64"}
     yield "TMA persistent gemm 128x128 (forward)", tma_mod._tma_lowrank_kernel, tma_ptrs, tma, \
         dict(num_warps=8, num_stages=4)
+    wide = dict(tma_ptrs, b_desc="tensordesc<bf16[256, 64]>")
+    yield "TMA persistent gemm 128x256 (forward)", tma_mod._tma_lowrank_kernel, wide, dict(tma, BLOCK_N=256), \
+        dict(num_warps=8, num_stages=3)
+    yield "TMA persistent gemm 128x256 flattened", tma_mod._tma_lowrank_kernel, wide, \
+        dict(tma, BLOCK_N=256, FLATTEN=True), dict(num_warps=8, num_stages=3)
     yield "TMA persistent gemm 128x128 (dx, dropout)", tma_mod._tma_lowrank_kernel, \
         dict(tma_ptrs, b_desc="tensordesc<bf16[64, 128]>"), dict(tma, B_ROWS_ARE_N=False, LOWRANK_DROPOUT=True), \
         dict(num_warps=8, num_stages=4)
@@ -191,9 +196,12 @@ def _ptxas_usage(ptx: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--only", default="", help="compile only the variants whose name contains this")
     args = ap.parse_args()
     results, failed = [], 0
     for name, fn, ptrs, consts, opts in variants():
+        if args.only not in name:
+            continue
         row = dict(kernel=name)
         try:
             consts, attrs = _specialise(fn, consts, odd=opts.pop("odd", ()))

@@ -48,7 +48,8 @@ def triton_available() -> bool:
 
 @torch.compiler.assume_constant_result
 def cuda_ext_available() -> bool:
-    if not _importable("lora_kernels._C"):
+    """Whether the CUDA extension is built and in use (LORA_KERNELS_NO_EXT=1 leaves a built one unused)."""
+    if os.environ.get("LORA_KERNELS_NO_EXT") == "1" or not _importable("lora_kernels._C"):
         return False
     cuda_backend()  # registers the C++ ops' fake and autograd rules before anything traces them
     return True
