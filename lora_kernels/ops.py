@@ -267,7 +267,7 @@ def _resolve_call(x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, backend):
     name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
     # _eager first: under torch.compile nothing of the timing path may be traced (it would break the graph)
     if _eager(x, weight, lora_A, lora_B, bias) and auto_linear.applies(backend, name, x, s_t):
-        name = auto_linear.linear_backend(lora_linear, x, weight, lora_A, lora_B, bias, s, dropout_p, default=name)
+        name = auto_linear.linear_backend(lora_linear, x, weight, lora_A, lora_B, bias, s, dropout_p)
         return name, auto_linear.settled(x, weight, lora_A, lora_B, bias, dropout_p)
     return name, True
 

@@ -1,5 +1,5 @@
-"""`auto` for the fused linear on a GPU: each shape and mode is timed once on every available path (the CUDA
-extension where built, Triton, the unfused torch composite), the fastest serves it, and the timing leaves no trace (generators restored, no gradient accumulated). Timing is
+"""`auto` for the fused linear where both GPU backends are built: each shape and mode is timed once on both,
+the faster serves it, and the timing leaves no trace (generators restored, no gradient accumulated). Timing is
 stubbed here, and a named backend stands in for the kernels, so the rule itself runs on the CPU."""
 from types import SimpleNamespace
 
@@ -22,8 +22,7 @@ def timed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
     monkeypatch.delenv(auto_linear.ENV, raising=False)
-    monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: True)
-    state = SimpleNamespace(calls=[], times={"cuda": 2.0, "triton": 1.0, "torch": 3.0})
+    state = SimpleNamespace(calls=[], times={"cuda": 2.0, "triton": 1.0})
 
     def linear(x, w, a, b, s, bias, dropout_p, backend):
         state.calls.append(backend)
@@ -34,7 +33,7 @@ def timed(monkeypatch):
         fn()
         return state.times[state.calls[first]]
     monkeypatch.setattr(measured, "cold_ms", cold_ms)
-    state.gpu_times = {"cuda": 2.0, "triton": 1.0, "torch": 3.0}
+    state.gpu_times = {"cuda": 2.0, "triton": 1.0}
 
     def gpu_ms(fn, reps=20):
         first = len(state.calls)
@@ -55,7 +54,7 @@ def test_faster_backend_chosen_once_per_shape_and_mode_without_a_trace(timed):
     x, w, a, b = _inputs()
     rng = torch.get_rng_state()
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"
-    assert set(timed.calls) == {"cuda", "triton", "torch"}
+    assert set(timed.calls) == {"cuda", "triton"}
     assert torch.equal(torch.get_rng_state(), rng), "the timing's dropout draws moved the generator"
     assert x.grad is None and a.grad is None and b.grad is None, "the timing accumulated gradients"
     timed.calls.clear()
@@ -83,26 +82,12 @@ def test_forced_by_environment_and_never_timed_inside_a_backward(timed, monkeypa
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton" and not timed.calls
 
 
-def test_the_unfused_composite_serves_where_it_is_fastest(timed, monkeypatch):
-    """Where host time decides (the fused paths' launches cost more than their kernels save) the torch
-    composite is timed with them and wins; without the extension the choice is between Triton and it."""
-    x, w, a, b = _inputs()
-    timed.times.update(torch=0.5)
-    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "torch"
-    monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: False)
-    timed.calls.clear()
-    with torch.no_grad():
-        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1, default="triton") == "torch"
-    assert set(timed.calls) == {"triton", "torch"}
-
-
-def test_applies_only_where_auto_resolved_to_a_gpu_backend_for_gpu_tensors(monkeypatch):
+def test_applies_only_where_auto_picked_the_extension_for_gpu_tensors(monkeypatch):
     monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: True)
     gpu = SimpleNamespace(is_cuda=True)
     assert auto_linear.applies("auto", "cuda", gpu, None)
-    assert auto_linear.applies("auto", "triton", gpu, None)                        # no extension built
     assert not auto_linear.applies("cuda", "cuda", gpu, None)                      # a backend named by the user
-    assert not auto_linear.applies("auto", "torch", gpu, None)
+    assert not auto_linear.applies("auto", "triton", gpu, None)                    # tensor scaling: Triton already
     assert not auto_linear.applies("auto", "cuda", gpu, torch.tensor(0.5))
     assert not auto_linear.applies("auto", "cuda", SimpleNamespace(is_cuda=False), None)
     monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: False)
@@ -133,7 +118,7 @@ def test_auto_on_gpu_gives_the_bits_of_the_backend_it_chose(monkeypatch, p):
     y = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p)
     assert all(t.grad is None for t in leaves), "the timing accumulated gradients"
     chosen = [v for k, v in measured._chosen.items() if k[0] == "auto linear"]
-    assert len(chosen) == 1 and chosen[0] in ("cuda", "triton", "torch")
+    assert len(chosen) == 1 and chosen[0] in ("cuda", "triton")
     torch.manual_seed(7)
     again = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p, backend=chosen[0])
     assert torch.equal(y, again)

@@ -212,3 +212,14 @@ def test_cpp_linear_forward_opcheck():
     x, w, a, b, bias = make_inputs(9, 24, 12, 4, torch.float32)
     a.requires_grad_(True)
     torch.library.opcheck(torch.ops.lora_kernels.linear_forward.default, (x, w, a, b, bias, 0.5, 0.0, None))
+
+
+@needs_ext
+def test_no_ext_variable_leaves_a_built_extension_unused(monkeypatch):
+    """LORA_KERNELS_NO_EXT=1 at run time: the extension is not used even where it is built, so one machine can
+    measure the Triton-only install beside the full one."""
+    from lora_kernels import _backends
+    monkeypatch.setenv("LORA_KERNELS_NO_EXT", "1")
+    assert not _backends.cuda_ext_available()
+    monkeypatch.delenv("LORA_KERNELS_NO_EXT")
+    assert _backends.cuda_ext_available()
