@@ -19,7 +19,7 @@ from merge_tiles_sweep import _graph_us
 SHAPES = ["8192x4096x4096", "8192x4096x14336", "8192x14336x4096", "2048x4096x4096"]
 
 
-def _case(M, K, N, r, dx):
+def _case(M, K, N, r, dx, layout="view", adapter_dtype=torch.float32):
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.bfloat16
     if dx:  # dx = dy·W + s·(dy·B)·A: the GEMM's K is the layer's N
@@ -35,9 +35,12 @@ def _case(M, K, N, r, dx):
         b = w.t()
         fl_op = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).t()  # lora_A.t() (K×r)
         low_r = (torch.randn(N, r, device="cuda", generator=g) / r**0.5).t()  # lora_B.t() (r×N)
+        if layout == "contiguous":  # Bᵀ stored (r×N) row-major instead of a view of B (N×r)
+            low_r = low_r.contiguous()
         out = torch.empty(M, N, device="cuda", dtype=h)
         base = lambda: a @ w.t()  # noqa: E731
     low_l = torch.empty(M, r, device="cuda", dtype=torch.float32)
+    fl_op, low_r = fl_op.to(adapter_dtype), low_r.to(adapter_dtype)
     return a, b, fl_op, low_r, out, low_l, base
 
 
@@ -53,20 +56,31 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", nargs="*", default=SHAPES)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--layout", default="view", choices=["view", "contiguous"],
+                    help="the low-rank step's right factor: a view of the adapter as stored, or copied row-major")
+    ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--directions", nargs="+", default=["fwd", "dx"], choices=["fwd", "dx"])
+    ap.add_argument("--tiles", nargs="*", default=None, help="only the CONFIGS entries whose tag contains one")
     args = ap.parse_args()
-    lines = [f"GPU {torch.cuda.get_device_name()} · torch {torch.__version__} · rank {args.rank} · bf16, float32 "
-             "adapters · µs per call (CUDA-graph replays) and ratio to cuBLAS", "",
-             "| dir | M×K×N | cuBLAS µs | tile | µs | ratio | max diff / max |out| vs the first |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"GPU {torch.cuda.get_device_name()} · torch {torch.__version__} · rank {args.rank} · bf16 x and W, "
+             f"{args.adapter_dtype} adapters, low-rank factor as a {args.layout} · µs per call (CUDA-graph "
+             "replays) and ratio to cuBLAS; `skinny µs`: the x·Aᵀ (dy·B) pass alone", "",
+             "| dir | M×K×N | cuBLAS µs | skinny µs | tile | µs | ratio | max diff / max |out| vs the first |",
+             "|---|---|---|---|---|---|---|---|"]
     all_cfgs = list(tma_gemm.CONFIGS)
-    for shape, dx in itertools.product(args.shapes, (False, True)):
+    dirs = [d == "dx" for d in args.directions]
+    for shape, dx in itertools.product(args.shapes, dirs):
         M, K, N = (int(v) for v in shape.split("x"))
-        a, b, fl_op, low_r, out, low_l, base = _case(M, K, N, args.rank, dx)
+        a, b, fl_op, low_r, out, low_l, base = _case(M, K, N, args.rank, dx, args.layout,
+                                                     getattr(torch, args.adapter_dtype))
         base_us = _graph_us(base)
+        skinny_us = _graph_us(lambda: low_l.copy_(fl.skinny_rank(a, fl_op)))
         first = None
         for cfg in all_cfgs:
             tag = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}" + \
                 (" flattened" if cfg.kwargs["FLATTEN"] else "")
+            if args.tiles and not any(t in tag for t in args.tiles):
+                continue
             tma_gemm.CONFIGS[:] = [cfg]
             tma_gemm._best.clear()
             try:
@@ -80,10 +94,10 @@ def main():
                 if first is None:
                     first = got
                 us = _graph_us(run)
-                row = f"| {'dx' if dx else 'fwd'} | {M}×{K}×{N} | {base_us:.1f} | {tag} | {us:.1f} | " \
-                      f"{us / base_us:.3f} | {same} |"
+                row = f"| {'dx' if dx else 'fwd'} | {M}×{K}×{N} | {base_us:.1f} | {skinny_us:.1f} | {tag} | " \
+                      f"{us:.1f} | {us / base_us:.3f} | {same} |"
             except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit is reported, not fatal
-                row = f"| {'dx' if dx else 'fwd'} | {M}×{K}×{N} | {base_us:.1f} | {tag} | failed: " \
+                row = f"| {'dx' if dx else 'fwd'} | {M}×{K}×{N} | {base_us:.1f} | {skinny_us:.1f} | {tag} | failed: " \
                       f"{type(e).__name__}: {str(e)[:80]} | | |"
             print(row, flush=True)
             lines.append(row)

@@ -1,16 +1,21 @@
-"""`backend="auto"` for the fused linear where both GPU backends are built: the faster one per shape and mode.
+"""`backend="auto"` for the fused linear on a GPU: the fastest path per shape and mode, measured.
 
 Neither backend wins everywhere (the CUDA extension's cuBLAS composition costs less host time per call; the
-Triton kernels keep the dropout mask in registers and read x once), so the first eager call of each shape
-and mode (forward only, or forward + backward when a gradient is needed) times calls of each on the same
-tensors, each after the L2 cache is overwritten (measured.cold_ms, as the bench times them), and the faster
-serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton` forces one). The timing leaves no trace: it
-runs on detached views, takes gradients with autograd.grad (nothing is accumulated) and restores the random generators, so dropout masks drawn later are those of an untimed run.
+Triton kernels keep the dropout mask in registers and read x once), and where a call is bound by host time
+the unfused composite (y = x·Wᵀ, then y += s·(x·Aᵀ)·Bᵀ in one addmm: the bench's `addmm` provider) can beat
+a fused path whose launches cost more host time than its kernels save. So the first eager call of each shape
+and mode (forward only, or forward + backward when a gradient is needed) times calls of each candidate on
+the same tensors, each after the L2 cache is overwritten (measured.cold_ms, as the bench times them), and the
+fastest serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton|addmm` forces one). Candidates: the
+built backends, and the composite only without dropout (with it, autograd would keep dropout(x) and its mask
+where the fused op keeps nothing: more activation memory, which auto does not trade for speed). The timing
+leaves no trace: it runs on detached views, takes gradients with autograd.grad (nothing is accumulated) and
+restores the random generators, so dropout masks drawn later are those of an untimed run.
 Nothing is timed inside CUDA-graph capture, sync-debug mode or a backward pass (an activation-checkpoint
-recompute): those take the CUDA backend until the key is decided. Forward-only keys also get a second pick,
-by GPU time alone, which CUDA-graph captures take: a replay has no host time, and at 16 rows the Triton
-split-K path ran in 12 µs of GPU time against the extension's 18 µs while losing the eager (host-bound) timing.
-torch.compile keeps the CUDA ops.
+recompute): those take the statically resolved backend until the key is decided. Forward-only keys also get
+a second pick, by GPU time alone, which CUDA-graph captures take: a replay has no host time, and at 16 rows
+the Triton split-K path ran in 12 µs of GPU time against the extension's 18 µs while losing the eager
+(host-bound) timing. torch.compile keeps the statically resolved ops.
 """
 from __future__ import annotations
 
@@ -20,6 +25,25 @@ from . import _backends
 
 ENV = "LORA_KERNELS_AUTO"
 DEFAULT = "cuda"
+ADDMM = "addmm"
+
+
+def candidates(dropout_p: float) -> tuple:
+    """The paths auto times: the built GPU backends, and the unfused composite where there is no dropout."""
+    built = (("cuda",) if _backends.cuda_ext_available() else ()) + ("triton",)
+    return built + (ADDMM,) if dropout_p == 0.0 else built
+
+
+def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float):
+    """The unfused composite through plain autograd: y = x·Wᵀ (+ bias), then y += s·(x·Aᵀ)·Bᵀ in one addmm,
+    the adapters cast to x's dtype (their gradients come back in their own). Autograd keeps x and x·Aᵀ, as
+    the fused op does; W is frozen, so no gradient is formed for it."""
+    dt = x.dtype
+    x2d = x.reshape(-1, x.shape[-1])
+    xa = x2d @ lora_A.to(dt).t()
+    y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else x2d @ weight.t()
+    y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=scaling)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _key(x, weight, lora_A, lora_B, bias, dropout_p, training):
@@ -39,39 +63,48 @@ def _one_call(linear, backend, x, weight, lora_A, lora_B, bias, scaling, dropout
     wanted = [v for v in views if v.requires_grad]
 
     def run():
-        y = linear(views[0], weight, views[1], views[2], scaling, bias, dropout_p=dropout_p, backend=backend)
+        if backend == ADDMM:
+            y = addmm_linear(views[0], weight, views[1], views[2], bias, scaling)
+        else:
+            y = linear(views[0], weight, views[1], views[2], scaling, bias, dropout_p=dropout_p, backend=backend)
         if wanted:
             torch.autograd.grad(y, wanted, torch.ones_like(y))
     return run
 
 
-def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float) -> str:
-    """'cuda' or 'triton' for this call (x (..., K) on a GPU, both backends built, eager mode)."""
+def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float,
+                   default: str = DEFAULT) -> str:
+    """'cuda', 'triton' or 'addmm' for this call (x (..., K) on a GPU, eager mode); `default` (the backend
+    resolved statically) serves while the key cannot be timed."""
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
     key = _key(x, weight, lora_A, lora_B, bias, dropout_p, training)
+    names = candidates(dropout_p)
+    if len(names) == 1:
+        return names[0]
     capturing = torch.cuda.is_current_stream_capturing()
     if capturing:
         # A CUDA graph replays kernels without their host time, so it takes the pick by GPU time, made
         # beside the eager pick on the first eager call (graphs are captured after an eager warm-up).
-        return (measured.decided(_graph_key(key), ENV, ("cuda", "triton"))
-                or measured.decided(key, ENV, ("cuda", "triton")) or DEFAULT)
-    decided = measured.decided(key, ENV, ("cuda", "triton"))
+        return (measured.decided(_graph_key(key), ENV, names)
+                or measured.decided(key, ENV, names) or default)
+    decided = measured.decided(key, ENV, names)
     if decided is not None:
         return decided
     if torch._C._current_autograd_node() is not None or torch.cuda.get_sync_debug_mode() != 0:
         # inside a backward or in sync-debug mode: decided by a later eager forward
-        return DEFAULT
+        return default
     options = {name: _one_call(linear, name, x, weight, lora_A, lora_B, bias, scaling, dropout_p, training)
-               for name in ("cuda", "triton")}
+               for name in names}
     devices = [x.device.index or 0] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices):
-        pick = measured.choose(key, options, DEFAULT, ENV)
+        pick = measured.choose(key, options, default, ENV)
         if not training:
-            measured.choose(_graph_key(key), options, DEFAULT, ENV, by="gpu")
+            measured.choose(_graph_key(key), options, default, ENV, by="gpu")
     _backends._once(("auto linear", key), f"lora_kernels: fused linear {tuple(x.shape)}x{tuple(weight.shape)} "
                         f"r={lora_A.shape[0]} {'train' if training else 'forward'}"
-                        f"{' dropout' if dropout_p > 0 else ''} on {x.device} -> {pick} backend (measured faster: "
+                        f"{' dropout' if dropout_p > 0 else ''} on {x.device} -> "
+                        f"{'the unfused addmm composite' if pick == ADDMM else pick + ' backend'} (measured faster: "
                         f"{measured.timings(key) or 'forced'} per call)")
     return pick
 
@@ -81,12 +114,13 @@ def settled(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
     caller may reuse the name for calls with the same metadata."""
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
-    return measured.decided(_key(x, weight, lora_A, lora_B, bias, dropout_p, training), ENV,
-                            ("cuda", "triton")) is not None
+    names = candidates(dropout_p)
+    return len(names) == 1 or measured.decided(_key(x, weight, lora_A, lora_B, bias, dropout_p, training), ENV,
+                                               names) is not None
 
 
 def applies(backend: str, name: str, x, scaling_t) -> bool:
-    """Whether the measured choice replaces the static one: `auto` picked the CUDA extension for CUDA tensors
-    with a float scaling, and Triton is available too."""
-    return (backend == "auto" and name == "cuda" and scaling_t is None and x.is_cuda
+    """Whether the measured choice replaces the static one: `auto` resolved to a GPU backend for CUDA tensors
+    with a float scaling, and Triton (whose package holds the timers) is available."""
+    return (backend == "auto" and name in ("cuda", "triton") and scaling_t is None and x.is_cuda
             and not torch.compiler.is_compiling() and _backends.triton_available())

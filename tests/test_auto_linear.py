@@ -1,6 +1,7 @@
-"""`auto` for the fused linear where both GPU backends are built: each shape and mode is timed once on both,
-the faster serves it, and the timing leaves no trace (generators restored, no gradient accumulated). Timing is
-stubbed here, and a named backend stands in for the kernels, so the rule itself runs on the CPU."""
+"""`auto` for the fused linear on a GPU: each shape and mode is timed once on every candidate (the built
+backends, and the unfused addmm composite where there is no dropout), the fastest serves it, and the timing
+leaves no trace (generators restored, no gradient accumulated). Timing is stubbed here, and a named backend
+stands in for the kernels, so the rule itself runs on the CPU."""
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +23,14 @@ def timed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
     monkeypatch.delenv(auto_linear.ENV, raising=False)
-    state = SimpleNamespace(calls=[], times={"cuda": 2.0, "triton": 1.0})
+    monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: True)
+    state = SimpleNamespace(calls=[], times={"cuda": 2.0, "triton": 1.0, "addmm": 3.0})
+    composite = auto_linear.addmm_linear
+
+    def addmm_linear(*args):
+        state.calls.append("addmm")
+        return composite(*args)
+    monkeypatch.setattr(auto_linear, "addmm_linear", addmm_linear)
 
     def linear(x, w, a, b, s, bias, dropout_p, backend):
         state.calls.append(backend)
@@ -33,7 +41,7 @@ def timed(monkeypatch):
         fn()
         return state.times[state.calls[first]]
     monkeypatch.setattr(measured, "cold_ms", cold_ms)
-    state.gpu_times = {"cuda": 2.0, "triton": 1.0}
+    state.gpu_times = {"cuda": 2.0, "triton": 1.0, "addmm": 3.0}
 
     def gpu_ms(fn, reps=20):
         first = len(state.calls)
@@ -82,12 +90,58 @@ def test_forced_by_environment_and_never_timed_inside_a_backward(timed, monkeypa
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton" and not timed.calls
 
 
-def test_applies_only_where_auto_picked_the_extension_for_gpu_tensors(monkeypatch):
+def test_the_addmm_composite_is_a_candidate_without_dropout_only(timed, monkeypatch):
+    """Where it measures fastest (host-bound calls) the unfused composite serves a key without dropout; with
+    dropout it is never timed (autograd would keep dropout(x) and its mask). Without the extension the choice
+    is between Triton and the composite, and a key with a single candidate is not timed at all."""
+    x, w, a, b = _inputs()
+    timed.times.update(addmm=0.5)
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "addmm"
+    assert set(timed.calls) == {"cuda", "triton", "addmm"}
+    timed.calls.clear()
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"
+    assert set(timed.calls) == {"cuda", "triton"}
+    monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: False)
+    timed.calls.clear()
+    with torch.no_grad():
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0, default="triton") == "addmm"
+        assert set(timed.calls) == {"triton", "addmm"}
+        timed.calls.clear()
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1, default="triton") == "triton"
+    assert not timed.calls and auto_linear.settled(x, w, a, b, None, 0.1)
+
+
+def test_the_addmm_composite_meets_the_oracle_rule():
+    """The composite auto may pick: output and every gradient against float64, within twice the error of the
+    same arithmetic done by hand in the working dtype (it is that arithmetic), float32 adapters included."""
+    from helpers import make_inputs
+    x, w, a, b, bias = make_inputs(37, 48, 40, 8, torch.bfloat16, adapter_dtype=torch.float32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
+    y = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.75)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    r = [t.detach().double().requires_grad_(True) for t in (x, a, b, bias)]
+    ref = r[0] @ w.double().t() + 0.75 * (r[0] @ r[1].t()) @ r[2].t() + r[3]
+    ref.backward(dy.double())
+    by_hand = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
+    plain = by_hand[0] @ w.t() + 0.75 * ((by_hand[0] @ by_hand[1].bfloat16().t()) @ by_hand[2].bfloat16().t()) \
+        + by_hand[3]
+    plain.backward(dy)
+    for got, want, unfused in zip([y] + [t.grad for t in leaves], [ref] + [t.grad for t in r],
+                                  [plain] + [t.grad for t in by_hand]):
+        err = (got.double() - want).abs().max().item()
+        assert got.dtype == unfused.dtype
+        assert err <= 2 * (unfused.double() - want).abs().max().item() + 1e-6, err
+    assert w.grad is None
+
+
+def test_applies_only_where_auto_resolved_to_a_gpu_backend_for_gpu_tensors(monkeypatch):
     monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: True)
     gpu = SimpleNamespace(is_cuda=True)
     assert auto_linear.applies("auto", "cuda", gpu, None)
+    assert auto_linear.applies("auto", "triton", gpu, None)                        # no extension built
     assert not auto_linear.applies("cuda", "cuda", gpu, None)                      # a backend named by the user
-    assert not auto_linear.applies("auto", "triton", gpu, None)                    # tensor scaling: Triton already
+    assert not auto_linear.applies("auto", "torch", gpu, None)
     assert not auto_linear.applies("auto", "cuda", gpu, torch.tensor(0.5))
     assert not auto_linear.applies("auto", "cuda", SimpleNamespace(is_cuda=False), None)
     monkeypatch.setattr(auto_linear._backends, "triton_available", lambda: False)
@@ -118,9 +172,12 @@ def test_auto_on_gpu_gives_the_bits_of_the_backend_it_chose(monkeypatch, p):
     y = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p)
     assert all(t.grad is None for t in leaves), "the timing accumulated gradients"
     chosen = [v for k, v in measured._chosen.items() if k[0] == "auto linear"]
-    assert len(chosen) == 1 and chosen[0] in ("cuda", "triton")
+    assert len(chosen) == 1 and chosen[0] in auto_linear.candidates(p)
     torch.manual_seed(7)
-    again = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p, backend=chosen[0])
+    if chosen[0] == auto_linear.ADDMM:
+        again = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], bias, 0.5)
+    else:
+        again = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p, backend=chosen[0])
     assert torch.equal(y, again)
 
 
@@ -169,5 +226,7 @@ def test_cuda_graph_replay_gives_the_bits_of_the_graph_pick(monkeypatch):
             y = lk.lora_linear(x, w, a, b, 0.5, bias)
         graph.replay()
         torch.cuda.synchronize()
-        want = lk.lora_linear(x, w, a, b, 0.5, bias, backend=picks["auto linear, CUDA graph"])
+        pick = picks["auto linear, CUDA graph"]
+        want = (auto_linear.addmm_linear(x, w, a, b, bias, 0.5) if pick == auto_linear.ADDMM
+                else lk.lora_linear(x, w, a, b, 0.5, bias, backend=pick))
     assert torch.equal(y, want)
