@@ -7,8 +7,8 @@ a fused path whose launches cost more host time than its kernels save. So the fi
 and mode (forward only, or forward + backward when a gradient is needed) times calls of each candidate on
 the same tensors, each after the L2 cache is overwritten (measured.cold_ms, as the bench times them), and the
 fastest serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton|addmm` forces one). Candidates: the
-built backends, and the composite only without dropout (with it, autograd would keep dropout(x) and its mask
-where the fused op keeps nothing: more activation memory, which auto does not trade for speed). The timing
+built backends and the composite, which keeps what the fused op keeps (x and x·Aᵀ; with dropout the mask is
+regenerated in backward by one Triton kernel, never stored), so auto trades no memory for speed. The timing
 leaves no trace: it runs on detached views, takes gradients with autograd.grad (nothing is accumulated) and
 restores the random generators, so dropout masks drawn later are those of an untimed run.
 Nothing is timed inside CUDA-graph capture, sync-debug mode or a backward pass (an activation-checkpoint
@@ -29,21 +29,64 @@ ADDMM = "addmm"
 
 
 def candidates(dropout_p: float) -> tuple:
-    """The paths auto times: the built GPU backends, and the unfused composite where there is no dropout."""
-    built = (("cuda",) if _backends.cuda_ext_available() else ()) + ("triton",)
-    return built + (ADDMM,) if dropout_p == 0.0 else built
+    """The paths auto times: the built GPU backends and the unfused composite."""
+    return (("cuda",) if _backends.cuda_ext_available() else ()) + ("triton", ADDMM)
 
 
-def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float):
-    """The unfused composite through plain autograd: y = x·Wᵀ (+ bias), then y += s·(x·Aᵀ)·Bᵀ in one addmm,
-    the adapters cast to x's dtype (their gradients come back in their own). Autograd keeps x and x·Aᵀ, as
-    the fused op does; W is frozen, so no gradient is formed for it."""
+def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float = 0.0):
+    """The unfused composite: y = x·Wᵀ (+ bias), then y += s·(dropout(x)·Aᵀ)·Bᵀ in one addmm, the adapters
+    cast to x's dtype (their gradients come back in their own). What is kept for backward is x and x·Aᵀ, as
+    the fused op keeps: without dropout plain autograd keeps just that; with it, _MaskedComposite draws the
+    seed as the fused paths do and regenerates the mask in backward (one Triton kernel each time)."""
+    if dropout_p > 0.0:
+        from .ops import dropout_seed
+        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+        y = _MaskedComposite.apply(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p,
+                                   dropout_seed(x2d, lora_A))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     dt = x.dtype
     x2d = x.reshape(-1, x.shape[-1])
     xa = x2d @ lora_A.to(dt).t()
     y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else x2d @ weight.t()
     y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=scaling)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _MaskedComposite(torch.autograd.Function):
+    """addmm_linear with dropout: cuBLAS products around one Triton kernel that applies the mask (the fused
+    kernels' mask, from the seed), forward and backward; x and x·Aᵀ are all it keeps."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, lora_A, lora_B, bias, scaling, p, seed):
+        from .triton import dropout
+        dt = x2d.dtype
+        xa = dropout.apply(x2d, p, seed) @ lora_A.to(dt).t()
+        y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        y.addmm_(xa, lora_B.to(dt).t(), alpha=scaling)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.p, ctx.bias_dtype = scaling, p, bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .triton import dropout
+        x2d, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        dt = dy.dtype
+        dy = dy.contiguous()
+        g = (dy @ lora_B.to(dt)).mul_(s)                                      # s·dy·B (M×r)
+        dx = dA = dB = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight
+            dropout.apply(g @ lora_A.to(dt), p, seed, out=dx, accumulate=True)  # + mask ⊙ (s·dy·B·A) / (1-p)
+        if ctx.needs_input_grad[2]:
+            dA = (g.t() @ dropout.apply(x2d, p, seed)).to(lora_A.dtype)
+        if ctx.needs_input_grad[3]:
+            dB = (dy.t() @ xa).mul_(s).to(lora_B.dtype)
+        if ctx.needs_input_grad[4]:
+            dbias = dy.sum(0).to(ctx.bias_dtype)
+        return dx, None, dA, dB, dbias, None, None, None
 
 
 def _key(x, weight, lora_A, lora_B, bias, dropout_p, training):
@@ -64,7 +107,7 @@ def _one_call(linear, backend, x, weight, lora_A, lora_B, bias, scaling, dropout
 
     def run():
         if backend == ADDMM:
-            y = addmm_linear(views[0], weight, views[1], views[2], bias, scaling)
+            y = addmm_linear(views[0], weight, views[1], views[2], bias, scaling, dropout_p)
         else:
             y = linear(views[0], weight, views[1], views[2], scaling, bias, dropout_p=dropout_p, backend=backend)
         if wanted:

@@ -297,8 +297,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scali
 
 def _run(name, x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, allow_tf32, eager=None):
     """eager: whether _eager(x, weight, lora_A, lora_B, bias) holds, where the caller knows (~1 µs of host)."""
-    if name == auto_linear.ADDMM:  # auto's measured pick (float scaling, no dropout, eager)
-        return auto_linear.addmm_linear(x, weight, lora_A, lora_B, bias, s)
+    if name == auto_linear.ADDMM:  # auto's measured pick (float scaling, eager)
+        return auto_linear.addmm_linear(x, weight, lora_A, lora_B, bias, s, dropout_p)
     if name == "cuda" and s_t is None:
         if eager if eager is not None else _eager(x, weight, lora_A, lora_B, bias):
             # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.

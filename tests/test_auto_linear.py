@@ -9,6 +9,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import auto_linear
+from helpers import TRITON_DEVICES
 
 pytestmark = pytest.mark.skipif(not lk.triton_available(), reason="the measured choice lives in the Triton package")
 
@@ -25,11 +26,9 @@ def timed(monkeypatch):
     monkeypatch.delenv(auto_linear.ENV, raising=False)
     monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: True)
     state = SimpleNamespace(calls=[], times={"cuda": 2.0, "triton": 1.0, "addmm": 3.0})
-    composite = auto_linear.addmm_linear
-
-    def addmm_linear(*args):
+    def addmm_linear(x, w, a, b, bias, s, dropout_p=0.0):  # the reference stands in for the composite too
         state.calls.append("addmm")
-        return composite(*args)
+        return lk.lora_linear(x, w, a, b, s, bias, dropout_p=dropout_p, backend="torch")
     monkeypatch.setattr(auto_linear, "addmm_linear", addmm_linear)
 
     def linear(x, w, a, b, s, bias, dropout_p, backend):
@@ -62,7 +61,7 @@ def test_faster_backend_chosen_once_per_shape_and_mode_without_a_trace(timed):
     x, w, a, b = _inputs()
     rng = torch.get_rng_state()
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"
-    assert set(timed.calls) == {"cuda", "triton"}
+    assert set(timed.calls) == {"cuda", "triton", "addmm"}
     assert torch.equal(torch.get_rng_state(), rng), "the timing's dropout draws moved the generator"
     assert x.grad is None and a.grad is None and b.grad is None, "the timing accumulated gradients"
     timed.calls.clear()
@@ -90,49 +89,66 @@ def test_forced_by_environment_and_never_timed_inside_a_backward(timed, monkeypa
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton" and not timed.calls
 
 
-def test_the_addmm_composite_is_a_candidate_without_dropout_only(timed, monkeypatch):
-    """Where it measures fastest (host-bound calls) the unfused composite serves a key without dropout; with
-    dropout it is never timed (autograd would keep dropout(x) and its mask). Without the extension the choice
-    is between Triton and the composite, and a key with a single candidate is not timed at all."""
+def test_the_addmm_composite_serves_where_it_is_fastest(timed, monkeypatch):
+    """Where it measures fastest (host-bound calls) the unfused composite serves the key, with dropout too (it
+    keeps what the fused op keeps). Without the extension the choice is between Triton and the composite."""
     x, w, a, b = _inputs()
     timed.times.update(addmm=0.5)
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "addmm"
     assert set(timed.calls) == {"cuda", "triton", "addmm"}
     timed.calls.clear()
-    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "triton"
-    assert set(timed.calls) == {"cuda", "triton"}
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "addmm"
+    assert set(timed.calls) == {"cuda", "triton", "addmm"}
     monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: False)
     timed.calls.clear()
+    timed.times.update(addmm=1.5)
     with torch.no_grad():
-        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0, default="triton") == "addmm"
-        assert set(timed.calls) == {"triton", "addmm"}
-        timed.calls.clear()
-        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1, default="triton") == "triton"
-    assert not timed.calls and auto_linear.settled(x, w, a, b, None, 0.1)
+        assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0, default="triton") == "triton"
+    assert set(timed.calls) == {"triton", "addmm"}
 
 
-def test_the_addmm_composite_meets_the_oracle_rule():
-    """The composite auto may pick: output and every gradient against float64, within twice the error of the
-    same arithmetic done by hand in the working dtype (it is that arithmetic), float32 adapters included."""
-    from helpers import make_inputs
-    x, w, a, b, bias = make_inputs(37, 48, 40, 8, torch.bfloat16, adapter_dtype=torch.float32)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_addmm_composite_meets_the_oracle_rule(device, p):
+    """The composite auto may pick: output and every gradient against float64 with the same dropout mask,
+    within twice the error of the unfused arithmetic done by autograd in the working dtype; float32 adapters,
+    a bias, a 3-D input and odd sizes. With dropout its mask is the fused kernels' (the seed drawn the same
+    way) and it keeps only x and x·Aᵀ for backward."""
+    from lora_kernels import ops, reference
+    dt = torch.float16 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 13, 40, generator=g).to(dt).to(device)
+    w = (torch.randn(24, 40, generator=g) / 6).to(dt).to(device)
+    a = (torch.randn(5, 40, generator=g) / 6).to(device)
+    b = (torch.randn(24, 5, generator=g) / 2).to(device)
+    bias = torch.randn(24, generator=g).to(dt).to(device)
+    dy = torch.randn(3, 13, 24, generator=g).to(dt).to(device)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
-    y = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.75)
-    dy = torch.randn_like(y)
+    torch.manual_seed(5)
+    y = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.75, p)
     y.backward(dy)
-    r = [t.detach().double().requires_grad_(True) for t in (x, a, b, bias)]
-    ref = r[0] @ w.double().t() + 0.75 * (r[0] @ r[1].t()) @ r[2].t() + r[3]
-    ref.backward(dy.double())
-    by_hand = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
-    plain = by_hand[0] @ w.t() + 0.75 * ((by_hand[0] @ by_hand[1].bfloat16().t()) @ by_hand[2].bfloat16().t()) \
-        + by_hand[3]
-    plain.backward(dy)
-    for got, want, unfused in zip([y] + [t.grad for t in leaves], [ref] + [t.grad for t in r],
-                                  [plain] + [t.grad for t in by_hand]):
-        err = (got.double() - want).abs().max().item()
-        assert got.dtype == unfused.dtype
-        assert err <= 2 * (unfused.double() - want).abs().max().item() + 1e-6, err
-    assert w.grad is None
+    torch.manual_seed(5)
+    seed = ops._seed_from_generator(x) if p > 0 else None            # the draw the composite made
+
+    def unfused(dtype):
+        ins = [t.detach().clone().to(dtype if t.dtype == dt else (torch.float64 if dtype == torch.float64
+                                                                   else t.dtype)).requires_grad_(True)
+               for t in (x, a, b, bias)]
+        out = reference.lora_linear(ins[0], w.to(dtype), ins[1], ins[2], 0.75, ins[3], dropout_p=p, seed=seed)
+        out.backward(dy.to(dtype))
+        return [out] + [t.grad for t in ins]
+    want, plain = unfused(torch.float64), unfused(dt)
+    for got, ref, base in zip([y] + [t.grad for t in leaves], want, plain):
+        assert got.dtype == base.dtype and got.shape == base.shape
+        err = (got.double() - ref).abs().max().item()
+        assert err <= 2 * (base.double() - ref).abs().max().item() + 1e-6, err
+    if p > 0:  # the mask is the fused kernels' one: the kernel equals the reference's torch form bit for bit
+        from lora_kernels.triton import dropout
+        x2d = x.reshape(-1, 40)
+        assert torch.equal(dropout.apply(x2d, p, seed), reference.apply_dropout(x2d, p, seed))
+        acc = torch.randn(39, 40, generator=g).to(dt).to(device)
+        summed = dropout.apply(x2d, p, seed, out=acc.clone(), accumulate=True)
+        assert torch.equal(summed, (acc.float() + reference.apply_dropout(x2d, p, seed).float()).to(dt))
 
 
 def test_applies_only_where_auto_resolved_to_a_gpu_backend_for_gpu_tensors(monkeypatch):
@@ -175,7 +191,7 @@ def test_auto_on_gpu_gives_the_bits_of_the_backend_it_chose(monkeypatch, p):
     assert len(chosen) == 1 and chosen[0] in auto_linear.candidates(p)
     torch.manual_seed(7)
     if chosen[0] == auto_linear.ADDMM:
-        again = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], bias, 0.5)
+        again = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], bias, 0.5, p)
     else:
         again = lk.lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias, dropout_p=p, backend=chosen[0])
     assert torch.equal(y, again)
