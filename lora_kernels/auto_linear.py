@@ -61,29 +61,30 @@ class _MaskedComposite(torch.autograd.Function):
     def forward(ctx, x2d, weight, lora_A, lora_B, bias, scaling, p, seed):
         from .triton import dropout
         dt = x2d.dtype
-        xa = dropout.apply(x2d, p, seed) @ lora_A.to(dt).t()
+        a, b = lora_A.to(dt), lora_B.to(dt)  # kept for backward too: r×K and N×r, one cast each per step
+        xa = dropout.apply(x2d, p, seed) @ a.t()
         y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        y.addmm_(xa, lora_B.to(dt).t(), alpha=scaling)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa, seed)
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2d, weight, a, b, xa, seed)
+        ctx.adapter_dtypes = lora_A.dtype, lora_B.dtype
         ctx.scaling, ctx.p, ctx.bias_dtype = scaling, p, bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         from .triton import dropout
-        x2d, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        x2d, weight, a, b, xa, seed = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
-        dt = dy.dtype
         dy = dy.contiguous()
-        g = (dy @ lora_B.to(dt)).mul_(s)                                      # s·dy·B (M×r)
+        g = (dy @ b).mul_(s)                                                  # s·dy·B (M×r)
         dx = dA = dB = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight
-            dropout.apply(g @ lora_A.to(dt), p, seed, out=dx, accumulate=True)  # + mask ⊙ (s·dy·B·A) / (1-p)
+            dropout.apply(g @ a, p, seed, out=dx, accumulate=True)              # + mask ⊙ (s·dy·B·A) / (1-p)
         if ctx.needs_input_grad[2]:
-            dA = (g.t() @ dropout.apply(x2d, p, seed)).to(lora_A.dtype)
+            dA = (g.t() @ dropout.apply(x2d, p, seed)).to(ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[3]:
-            dB = (dy.t() @ xa).mul_(s).to(lora_B.dtype)
+            dB = (dy.t() @ xa).mul_(s).to(ctx.adapter_dtypes[1])
         if ctx.needs_input_grad[4]:
             dbias = dy.sum(0).to(ctx.bias_dtype)
         return dx, None, dA, dB, dbias, None, None, None
