@@ -1,4 +1,6 @@
 """The dropout mask as a pure function of (seed, row, col); mirrors reference.dropout_keep bit for bit."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,16 +45,22 @@ def _apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_xm, stride_om, threshol
     tl.store(o_ptrs, kept.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@functools.lru_cache(maxsize=64)
+def _mask_args(p: float):
+    from ..reference import dropout_scale, dropout_threshold
+    return dropout_threshold(p), dropout_scale(p)
+
+
 def apply(x2d, p: float, seed, out=None, accumulate: bool = False):
     """reference.apply_dropout's values in one kernel (the same mask for the same seed): dropout(x2d) into a
     new tensor or `out`, or added to `out` (accumulate). x2d and out have unit column stride."""
-    from ..reference import dropout_scale, dropout_threshold
     M, K = x2d.shape
     if out is None:
         out = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
     if M == 0 or K == 0:
         return out
-    grid = (triton.cdiv(M, 16), triton.cdiv(K, 256))
-    _apply_kernel[grid](x2d, out, seed, M, K, x2d.stride(0), out.stride(0), dropout_threshold(p), dropout_scale(p),
+    threshold, keep_scale = _mask_args(p)
+    grid = ((M + 15) // 16, (K + 255) // 256)  # plain integers: triton.cdiv costs host time per call
+    _apply_kernel[grid](x2d, out, seed, M, K, x2d.stride(0), out.stride(0), threshold, keep_scale,
                         ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_K=256, num_warps=4)
     return out
