@@ -19,6 +19,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from lora_kernels.triton import dropout as dr  # noqa: E402
 from lora_kernels.triton import fused_linear as fl  # noqa: E402
 from lora_kernels.triton import merge as mg  # noqa: E402
 from lora_kernels.triton import nf4_tile as nf4_mod  # noqa: E402
@@ -172,6 +173,11 @@ def variants():
     yield "TMA persistent gemm 128x128 (dx, dropout)", tma_mod._tma_lowrank_kernel, \
         dict(tma_ptrs, b_desc="tensordesc<bf16[64, 128]>"), dict(tma, B_ROWS_ARE_N=False, LOWRANK_DROPOUT=True), \
         dict(num_warps=8, num_stages=4)
+    yield "dropout mask applied (composite forward)", dr._apply_kernel, \
+        {"*": "*bf16", "seed_ptr": "*i64"}, dict(ACCUMULATE=False, BLOCK_M=16, BLOCK_K=256), dict(num_warps=4)
+    yield "masked low-rank backward (composite)", dr._lowrank_backward_kernel, \
+        {"*": "*bf16", "da_ptr": "*fp32", "seed_ptr": "*i64"}, \
+        dict(HAS_DX=True, BLOCK_M=32, BLOCK_K=64, BLOCK_R=16), dict(num_warps=4, odd=("R",))
     yield "NF4 double-quantised absmax decode", nf4_mod._decode_absmax_kernel, {"*": "*fp32", "q_ptr": "*u8"}, \
         dict(BLOCKSIZE2=256, BLOCK=1024), dict(num_warps=4, enable_fp_fusion=False)
     offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}

@@ -54,8 +54,9 @@ def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
 
 
 class _MaskedComposite(torch.autograd.Function):
-    """addmm_linear with dropout: cuBLAS products around one Triton kernel that applies the mask (the fused
-    kernels' mask, from the seed), forward and backward; x and x·Aᵀ are all it keeps."""
+    """addmm_linear with dropout: cuBLAS products around small Triton kernels that apply the mask (the fused
+    kernels' mask, from the seed): dropout(x) in forward, one pass over x for dA and dx's masked low-rank
+    term in backward; x and x·Aᵀ are all it keeps."""
 
     @staticmethod
     def forward(ctx, x2d, weight, lora_A, lora_B, bias, scaling, p, seed):
@@ -77,17 +78,16 @@ class _MaskedComposite(torch.autograd.Function):
         s, p = ctx.scaling, ctx.p
         dy = dy.contiguous()
         g = (dy @ b).mul_(s)                                                  # s·dy·B (M×r)
-        dx = dA = dB = dbias = None
+        dx = dB = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight
-            dropout.apply(g @ a, p, seed, out=dx, accumulate=True)              # + mask ⊙ (s·dy·B·A) / (1-p)
-        if ctx.needs_input_grad[2]:
-            dA = (g.t() @ dropout.apply(x2d, p, seed)).to(ctx.adapter_dtypes[0])
+        # one pass over x: dA = gᵀ·dropout(x), and dx += mask ⊙ (s·dy·B·A) / (1-p)
+        dA = dropout.lowrank_backward(x2d, g, a, dx, p, seed).to(ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[3]:
             dB = (dy.t() @ xa).mul_(s).to(ctx.adapter_dtypes[1])
         if ctx.needs_input_grad[4]:
             dbias = dy.sum(0).to(ctx.bias_dtype)
-        return dx, None, dA, dB, dbias, None, None, None
+        return dx, None, dA if ctx.needs_input_grad[2] else None, dB, dbias, None, None, None
 
 
 def _key(x, weight, lora_A, lora_B, bias, dropout_p, training):

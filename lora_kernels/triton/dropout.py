@@ -64,3 +64,58 @@ def apply(x2d, p: float, seed, out=None, accumulate: bool = False):
     _apply_kernel[grid](x2d, out, seed, M, K, x2d.stride(0), out.stride(0), threshold, keep_scale,
                         ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_K=256, num_warps=4)
     return out
+
+
+@triton.jit
+def _lowrank_backward_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, seed_ptr, M, K, R, M_PER_SPLIT,
+                             stride_xm, stride_gm, stride_ar, stride_dxm, stride_ds, stride_dr,
+                             threshold, keep_scale, HAS_DX: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One pass over x for the low-rank backward with dropout, g = s·dy·B given (M×R, x's dtype):
+    dA partial (R×BLOCK_K, float32, one per row split) = gᵀ·(mask ⊙ x)/(1-p), and, with HAS_DX,
+    dx += mask ⊙ (g·A)/(1-p), rounded as torch rounds the same steps (g·A to x's dtype, then the scale)."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K),
+                other=0.0)
+    seed = load_seed(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    first = tl.program_id(1) * M_PER_SPLIT
+    for m0 in range(first, tl.minimum(first + M_PER_SPLIT, M), BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        keep = keep_mask(seed, rows, cols, threshold)
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + rr[None, :],
+                    mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
+        xd = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
+        acc = tl.dot(tl.trans(g), xd, acc)
+        if HAS_DX:
+            lora = tl.dot(g, a.to(g.dtype)).to(x.dtype)
+            masked = tl.where(keep, (lora.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
+            dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
+            dx = tl.load(dx_ptrs, mask=inside, other=0.0)
+            tl.store(dx_ptrs, (dx.to(tl.float32) + masked.to(tl.float32)).to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(da_ptr + tl.program_id(1) * stride_ds + rr[:, None] * stride_dr + cols[None, :], acc,
+             mask=(rr[:, None] < R) & (cols[None, :] < K))
+
+
+def lowrank_backward(x2d, g, a, dx, p: float, seed):
+    """The masked low-rank backward in one kernel: returns dA = gᵀ·dropout(x) (R×K, float32) and, where dx is
+    given, adds mask ⊙ (g·A)/(1-p) into it. x2d, g, a and dx have unit column stride; a is in g's dtype."""
+    M, K = x2d.shape
+    R = g.shape[1]
+    block_k = 64
+    k_blocks = (K + block_k - 1) // block_k
+    # enough programs to stream x at more than a few SMs' bandwidth; the row splits are summed in fixed order
+    splits = max(1, min((M + 255) // 256, 264 // k_blocks))
+    m_per_split = ((M + splits - 1) // splits + 31) // 32 * 32
+    splits = (M + m_per_split - 1) // m_per_split if M else 1
+    part = torch.empty((splits, R, K), device=x2d.device, dtype=torch.float32)
+    threshold, keep_scale = _mask_args(p)
+    _lowrank_backward_kernel[(k_blocks, splits)](
+        x2d, g, a, dx if dx is not None else x2d, part, seed, M, K, R, m_per_split,
+        x2d.stride(0), g.stride(0), a.stride(0), dx.stride(0) if dx is not None else 0, part.stride(0),
+        part.stride(1), threshold, keep_scale, HAS_DX=dx is not None,
+        BLOCK_M=32, BLOCK_K=block_k, BLOCK_R=max(16, 1 << (R - 1).bit_length()), num_warps=4)
+    return part[0] if splits == 1 else part.sum(0)
