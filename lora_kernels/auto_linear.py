@@ -28,7 +28,7 @@ DEFAULT = "cuda"
 ADDMM = "addmm"
 
 
-def candidates(dropout_p: float) -> tuple:
+def candidates() -> tuple:
     """The paths auto times: the built GPU backends and the unfused composite."""
     return (("cuda",) if _backends.cuda_ext_available() else ()) + ("triton", ADDMM)
 
@@ -81,8 +81,10 @@ class _MaskedComposite(torch.autograd.Function):
         dx = dB = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight
-        # one pass over x: dA = gᵀ·dropout(x), and dx += mask ⊙ (s·dy·B·A) / (1-p)
-        dA = dropout.lowrank_backward(x2d, g, a, dx, p, seed).to(ctx.adapter_dtypes[0])
+        dA = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            # one pass over x: dA = gᵀ·dropout(x), and dx += mask ⊙ (s·dy·B·A) / (1-p)
+            dA = dropout.lowrank_backward(x2d, g, a, dx, p, seed).to(ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[3]:
             dB = (dy.t() @ xa).mul_(s).to(ctx.adapter_dtypes[1])
         if ctx.needs_input_grad[4]:
@@ -123,9 +125,7 @@ def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, drop
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
     key = _key(x, weight, lora_A, lora_B, bias, dropout_p, training)
-    names = candidates(dropout_p)
-    if len(names) == 1:
-        return names[0]
+    names = candidates()
     capturing = torch.cuda.is_current_stream_capturing()
     if capturing:
         # A CUDA graph replays kernels without their host time, so it takes the pick by GPU time, made
@@ -158,9 +158,8 @@ def settled(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
     caller may reuse the name for calls with the same metadata."""
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
-    names = candidates(dropout_p)
-    return len(names) == 1 or measured.decided(_key(x, weight, lora_A, lora_B, bias, dropout_p, training), ENV,
-                                               names) is not None
+    return measured.decided(_key(x, weight, lora_A, lora_B, bias, dropout_p, training), ENV,
+                            candidates()) is not None
 
 
 def applies(backend: str, name: str, x, scaling_t) -> bool:
