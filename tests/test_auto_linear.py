@@ -109,13 +109,14 @@ def test_the_addmm_composite_serves_where_it_is_fastest(timed, monkeypatch):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_the_addmm_composite_meets_the_oracle_rule(device, p):
+@pytest.mark.parametrize("full", [False, True])
+def test_the_addmm_composite_meets_the_oracle_rule(device, p, full):
     """The composite auto may pick: output and every gradient against float64 with the same dropout mask,
-    within twice the error of the unfused arithmetic done by autograd in the working dtype; float32 adapters,
-    a bias, a 3-D input and odd sizes. With dropout its mask is the fused kernels' (the seed drawn the same
-    way) and it keeps only x and x·Aᵀ for backward."""
+    within twice the error of the unfused arithmetic done by autograd in the working dtype (16-bit, and float32,
+    whose products must not drop to TF32); float32 adapters, a bias, a 3-D input and odd sizes. With dropout
+    its mask is the fused kernels' (the seed drawn the same way) and it keeps only x and x·Aᵀ for backward."""
     from lora_kernels import ops, reference
-    dt = torch.float16 if device == "cpu" else torch.bfloat16
+    dt = torch.float32 if full else (torch.float16 if device == "cpu" else torch.bfloat16)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 13, 40, generator=g).to(dt).to(device)
     w = (torch.randn(24, 40, generator=g) / 6).to(dt).to(device)

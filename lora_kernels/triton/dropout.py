@@ -69,7 +69,7 @@ def apply(x2d, p: float, seed, out=None, accumulate: bool = False):
 @triton.jit
 def _lowrank_backward_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, seed_ptr, M, K, R, M_PER_SPLIT,
                              stride_xm, stride_gm, stride_ar, stride_dxm, stride_ds, stride_dr,
-                             threshold, keep_scale, HAS_DX: tl.constexpr,
+                             threshold, keep_scale, HAS_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over x for the low-rank backward with dropout, g = s·dy·B given (M×R, x's dtype):
     dA partial (R×BLOCK_K, float32, one per row split) = gᵀ·(mask ⊙ x)/(1-p), and, with HAS_DX,
@@ -89,9 +89,9 @@ def _lowrank_backward_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, seed_ptr, M, K
                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
         xd = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
-        acc = tl.dot(tl.trans(g), xd, acc)
+        acc = tl.dot(tl.trans(g), xd, acc, input_precision=DOT_PRECISION)
         if HAS_DX:
-            lora = tl.dot(g, a.to(g.dtype)).to(x.dtype)
+            lora = tl.dot(g, a.to(g.dtype), input_precision=DOT_PRECISION).to(x.dtype)
             masked = tl.where(keep, (lora.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
             dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
             dx = tl.load(dx_ptrs, mask=inside, other=0.0)
@@ -117,5 +117,7 @@ def lowrank_backward(x2d, g, a, dx, p: float, seed):
         x2d, g, a, dx if dx is not None else x2d, part, seed, M, K, R, m_per_split,
         x2d.stride(0), g.stride(0), a.stride(0), dx.stride(0) if dx is not None else 0, part.stride(0),
         part.stride(1), threshold, keep_scale, HAS_DX=dx is not None,
+        # float32 products as torch's float32 matmul forms them (not TF32), so float32 inputs keep their accuracy
+        DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
         BLOCK_M=32, BLOCK_K=block_k, BLOCK_R=max(16, 1 << (R - 1).bit_length()), num_warps=4)
     return part[0] if splits == 1 else part.sum(0)
