@@ -180,7 +180,7 @@ def variants():
         dict(HAS_DX=True, DOT_PRECISION="tf32", BLOCK_M=32, BLOCK_K=64, BLOCK_R=16), dict(num_warps=4, odd=("R",))
     yield "masked low-rank backward, float32 (composite)", dr._lowrank_backward_kernel, \
         {"*": "*fp32", "seed_ptr": "*i64"}, \
-        dict(HAS_DX=True, DOT_PRECISION="ieee", BLOCK_M=32, BLOCK_K=64, BLOCK_R=16), dict(num_warps=4, odd=("R",))
+        dict(HAS_DX=True, DOT_PRECISION="ieee", BLOCK_M=32, BLOCK_K=32, BLOCK_R=16), dict(num_warps=4, odd=("R",))
     yield "NF4 double-quantised absmax decode", nf4_mod._decode_absmax_kernel, {"*": "*fp32", "q_ptr": "*u8"}, \
         dict(BLOCKSIZE2=256, BLOCK=1024), dict(num_warps=4, enable_fp_fusion=False)
     offs = {"*": "*fp32", "w_ptr": "*bf16", "w_offs_ptr": "*i64", "a_offs_ptr": "*i64", "b_offs_ptr": "*i64"}

@@ -105,7 +105,7 @@ def lowrank_backward(x2d, g, a, dx, p: float, seed):
     given, adds mask ⊙ (g·A)/(1-p) into it. x2d, g, a and dx have unit column stride; a is in g's dtype."""
     M, K = x2d.shape
     R = g.shape[1]
-    block_k = 64
+    block_k = 32 if x2d.dtype == torch.float32 else 64  # float32 IEEE products: 64 columns spilled on sm_90a
     k_blocks = (K + block_k - 1) // block_k
     # enough programs to stream x at more than a few SMs' bandwidth; the row splits are summed in fixed order
     splits = max(1, min((M + 255) // 256, 264 // k_blocks))
