@@ -46,7 +46,8 @@ def _apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_xm, stride_om, threshol
 
 
 @functools.lru_cache(maxsize=64)
-def _mask_args(p: float):
+def mask_args(p: float):
+    """(threshold, keep scale) of p, as reference.dropout_threshold / dropout_scale give them."""
     from ..reference import dropout_scale, dropout_threshold
     return dropout_threshold(p), dropout_scale(p)
 
@@ -59,7 +60,7 @@ def apply(x2d, p: float, seed, out=None, accumulate: bool = False):
         out = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
     if M == 0 or K == 0:
         return out
-    threshold, keep_scale = _mask_args(p)
+    threshold, keep_scale = mask_args(p)
     grid = ((M + 15) // 16, (K + 255) // 256)  # plain integers: triton.cdiv costs host time per call
     _apply_kernel[grid](x2d, out, seed, M, K, x2d.stride(0), out.stride(0), threshold, keep_scale,
                         ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_K=256, num_warps=4)
@@ -112,7 +113,7 @@ def lowrank_backward(x2d, g, a, dx, p: float, seed):
     m_per_split = ((M + splits - 1) // splits + 31) // 32 * 32
     splits = (M + m_per_split - 1) // m_per_split if M else 1
     part = torch.empty((splits, R, K), device=x2d.device, dtype=torch.float32)
-    threshold, keep_scale = _mask_args(p)
+    threshold, keep_scale = mask_args(p)
     _lowrank_backward_kernel[(k_blocks, splits)](
         x2d, g, a, dx if dx is not None else x2d, part, seed, M, K, R, m_per_split,
         x2d.stride(0), g.stride(0), a.stride(0), dx.stride(0) if dx is not None else 0, part.stride(0),

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs, splitk
-from .dropout import keep_mask, load_seed
+from .dropout import keep_mask, load_seed, mask_args as dropout_mask_args
 from .measured import choose
 from .tiles import lowrank_dot, output_tile
 from .nf4_tile import NF4B, NF4Operand, dequant_rows, nf4_layout
@@ -273,11 +273,13 @@ class Dropout:
     """Arguments that reproduce one dropout mask: the seed tensor and p."""
 
     def __init__(self, seed, p: float):
-        from ..reference import dropout_scale, dropout_threshold
         self.on = seed is not None and p > 0.0
         self.seed = seed
-        self.threshold = dropout_threshold(p) if self.on else 0
-        self.keep_scale = dropout_scale(p) if self.on else 1.0
+        # cached per p: five of these are built per training step
+        self.threshold, self.keep_scale = dropout_mask_args(p) if self.on else (0, 1.0)
+
+
+NO_DROPOUT = Dropout(None, 0.0)
 
 
 def _scale_args(scale, scale_t, like):
@@ -305,7 +307,7 @@ def gemm_lowrank(a, b, low_l, low_r, out, *, bias=None, scale=1.0, scale_t=None,
     nf4 = isinstance(b, NF4B)
     b_ptr, absmax, code = (b.packed, b.absmax, b.code) if nf4 else (b, a, a)
     R = low_l.shape[1]
-    dropout = dropout or Dropout(None, 0.0)
+    dropout = dropout or NO_DROPOUT
     if multi is not None:
         s, s_ptr, s_from_ptr = 1.0, multi.scalings, True
         perm, slots, rs = multi.perm, multi.slots, low_r.stride(0)
@@ -382,7 +384,7 @@ def skinny_rank(x, rt, *, scale=1.0, scale_t=None, dropout=None, multi=None, all
     With multi, rt is (slots, K, R) and the result's rows are in the slot-sorted order of multi.perm."""
     M, K = x.shape
     R = rt.shape[-1]
-    dropout = dropout or Dropout(None, 0.0)
+    dropout = dropout or NO_DROPOUT
     if M == 0 or K == 0:
         return torch.zeros((M, R), device=x.device, dtype=torch.float32)
     block_r = max(16, configs.next_pow2(R))
@@ -411,7 +413,7 @@ def reduce_rows(x, s_mat, *, scale=1.0, scale_t=None, dropout=None, colsum=False
     """s · (mask ⊙ x)ᵀ · s_mat → (C×R) float32, and Σ_rows x (C,) float32 when colsum; x (M×C), s_mat (M×R)."""
     M, C = x.shape
     R = s_mat.shape[1]
-    dropout = dropout or Dropout(None, 0.0)
+    dropout = dropout or NO_DROPOUT
     if M == 0 or C == 0:
         zeros = torch.zeros((C, R), device=x.device, dtype=torch.float32)
         return zeros, (torch.zeros((C,), device=x.device, dtype=torch.float32) if colsum else None)
