@@ -30,6 +30,12 @@ def keep_mask(seed, rows, cols, threshold):
 
 
 @triton.jit
+def dropped(x, keep, keep_scale):
+    """x where kept, scaled by 1/(1-p) and rounded to x's dtype as torch rounds x * scale; 0 elsewhere."""
+    return tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0).to(x.dtype)
+
+
+@triton.jit
 def _apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_xm, stride_om, threshold, keep_scale,
                   ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = mask ⊙ x / (1 - p), or out += that (ACCUMULATE), rounded to out's dtype as torch rounds x * scale."""
@@ -37,8 +43,7 @@ def _apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_xm, stride_om, threshol
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
-    kept = tl.where(keep_mask(load_seed(seed_ptr), rows, cols, threshold),
-                    (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
+    kept = dropped(x, keep_mask(load_seed(seed_ptr), rows, cols, threshold), keep_scale)
     o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if ACCUMULATE:
         kept = (tl.load(o_ptrs, mask=inside, other=0.0).to(tl.float32) + kept.to(tl.float32))
@@ -89,11 +94,11 @@ def _lowrank_backward_kernel(x_ptr, g_ptr, a_ptr, dx_ptr, da_ptr, seed_ptr, M, K
         g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + rr[None, :],
                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
-        xd = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
+        xd = dropped(x, keep, keep_scale)
         acc = tl.dot(tl.trans(g), xd, acc, input_precision=DOT_PRECISION)
         if HAS_DX:
             lora = tl.dot(g, a.to(g.dtype), input_precision=DOT_PRECISION).to(x.dtype)
-            masked = tl.where(keep, (lora.to(tl.float32) * keep_scale).to(x.dtype), 0.0)
+            masked = dropped(lora, keep, keep_scale)
             dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
             dx = tl.load(dx_ptrs, mask=inside, other=0.0)
             tl.store(dx_ptrs, (dx.to(tl.float32) + masked.to(tl.float32)).to(dx_ptr.dtype.element_ty), mask=inside)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs, splitk
-from .dropout import keep_mask, load_seed, mask_args as dropout_mask_args
+from .dropout import dropped, keep_mask, load_seed, mask_args as dropout_mask_args
 from .measured import choose
 from .tiles import lowrank_dot, output_tile
 from .nf4_tile import NF4B, NF4Operand, dequant_rows, nf4_layout
@@ -187,7 +187,7 @@ def _skinny_rank_kernel(
         x = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk, mask=rk[None, :] < k_end, other=0.0)
         if DROPOUT:
             keep = keep_mask(seed, offs_m, rk, threshold)
-            x = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0).to(x.dtype)
+            x = dropped(x, keep, keep_scale)
         rt_ptrs = rt_ptr + rk[:, None] * stride_rk + rr[None, :] * stride_rr
         rt_mask = (rk[:, None] < k_end) & (rr[None, :] < R)
         if MULTI:
@@ -238,7 +238,7 @@ def _reduce_rows_kernel(
             col_acc += tl.sum(x.to(tl.float32), axis=0)
         if DROPOUT:
             keep = keep_mask(seed, rm, offs_c, threshold)
-            x = tl.where(keep, (x.to(tl.float32) * keep_scale).to(x.dtype), 0.0).to(x.dtype)
+            x = dropped(x, keep, keep_scale)
         st = tl.load(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr,
                      mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
         acc = tl.dot(tl.trans(x), st.to(x.dtype), acc, input_precision=DOT_PRECISION)
