@@ -174,7 +174,7 @@ def variants():
         dict(tma_ptrs, b_desc="tensordesc<bf16[64, 128]>"), dict(tma, B_ROWS_ARE_N=False, LOWRANK_DROPOUT=True), \
         dict(num_warps=8, num_stages=4)
     yield "dropout mask applied (composite forward)", dr._apply_kernel, \
-        {"*": "*bf16", "seed_ptr": "*i64"}, dict(ACCUMULATE=False, BLOCK_M=16, BLOCK_K=256), dict(num_warps=4)
+        {"*": "*bf16", "seed_ptr": "*i64"}, dict(BLOCK_M=16, BLOCK_K=256), dict(num_warps=4)
     yield "masked low-rank backward (composite)", dr._lowrank_backward_kernel, \
         {"*": "*bf16", "da_ptr": "*fp32", "seed_ptr": "*i64"}, \
         dict(HAS_DX=True, DOT_PRECISION="tf32", BLOCK_M=32, BLOCK_K=64, BLOCK_R=16), dict(num_warps=4, odd=("R",))

@@ -37,17 +37,14 @@ def dropped(x, keep, keep_scale):
 
 @triton.jit
 def _apply_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_xm, stride_om, threshold, keep_scale,
-                  ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = mask ⊙ x / (1 - p), or out += that (ACCUMULATE), rounded to out's dtype as torch rounds x * scale."""
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = mask ⊙ x / (1 - p), rounded to x's dtype as torch rounds x * scale."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
     kept = dropped(x, keep_mask(load_seed(seed_ptr), rows, cols, threshold), keep_scale)
-    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    if ACCUMULATE:
-        kept = (tl.load(o_ptrs, mask=inside, other=0.0).to(tl.float32) + kept.to(tl.float32))
-    tl.store(o_ptrs, kept.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], kept, mask=inside)
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,18 +54,17 @@ def mask_args(p: float):
     return dropout_threshold(p), dropout_scale(p)
 
 
-def apply(x2d, p: float, seed, out=None, accumulate: bool = False):
-    """reference.apply_dropout's values in one kernel (the same mask for the same seed): dropout(x2d) into a
-    new tensor or `out`, or added to `out` (accumulate). x2d and out have unit column stride."""
+def apply(x2d, p: float, seed):
+    """reference.apply_dropout's values in one kernel (the same mask for the same seed), in a new tensor;
+    x2d has unit column stride."""
     M, K = x2d.shape
-    if out is None:
-        out = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
+    out = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
     if M == 0 or K == 0:
         return out
     threshold, keep_scale = mask_args(p)
     grid = ((M + 15) // 16, (K + 255) // 256)  # plain integers: triton.cdiv costs host time per call
     _apply_kernel[grid](x2d, out, seed, M, K, x2d.stride(0), out.stride(0), threshold, keep_scale,
-                        ACCUMULATE=accumulate, BLOCK_M=16, BLOCK_K=256, num_warps=4)
+                        BLOCK_M=16, BLOCK_K=256, num_warps=4)
     return out
 
 
