@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lora_kernels as lk
 from lora_kernels import nf4
+from lora_kernels.auto_linear import addmm_linear
 
 DEVICE = "cuda"  # a module constant so that a CPU dry run of the script's logic can swap it
 
@@ -142,6 +143,9 @@ def main(only=()):
         for be, p in (("triton", 0.0), ("triton", 0.05), ("cuda", 0.0), ("cuda", 0.05)):
             cases.append((f"{be} train M={M} p={p}", lambda x=x, dy=dy, be=be, p=p:
                           lk.lora_linear(x, w, a, b, 2.0, dropout_p=p, backend=be).backward(dy)))
+        for p in (0.0, 0.05):  # auto's third candidate: cuBLAS products around the mask kernels
+            cases.append((f"composite train M={M} p={p}", lambda x=x, dy=dy, p=p:
+                          addmm_linear(x, w, a, b, None, 2.0, p).backward(dy)))
     for n_rows in (4096, 14336):  # merge + unmerge of one layer (issue target: ~1.1x a copy of W)
         wm = (torch.randn(n_rows, K, device=dev) / K**0.5).to(dt)
         am, bm = torch.randn(r, K, device=dev, dtype=dt), torch.randn(n_rows, r, device=dev, dtype=dt)

@@ -7,8 +7,9 @@ a fused path whose launches cost more host time than its kernels save. So the fi
 and mode (forward only, or forward + backward when a gradient is needed) times calls of each candidate on
 the same tensors, each after the L2 cache is overwritten (measured.cold_ms, as the bench times them), and the
 fastest serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton|addmm` forces one). Candidates: the
-built backends and the composite, which keeps what the fused op keeps (x and x·Aᵀ; with dropout the mask is
-regenerated in backward by one Triton kernel, never stored), so auto trades no memory for speed. The timing
+built backends, and where the CUDA extension is not built the composite, which keeps what the fused op keeps
+(x and x·Aᵀ; with dropout the mask is regenerated in backward by one Triton kernel, never stored), so auto
+trades no memory for speed. The timing
 leaves no trace: it runs on detached views, takes gradients with autograd.grad (nothing is accumulated) and
 restores the random generators, so dropout masks drawn later are those of an untimed run.
 Nothing is timed inside CUDA-graph capture, sync-debug mode or a backward pass (an activation-checkpoint
@@ -29,8 +30,14 @@ ADDMM = "addmm"
 
 
 def candidates() -> tuple:
-    """The paths auto times: the built GPU backends and the unfused composite."""
-    return (("cuda",) if _backends.cuda_ext_available() else ()) + ("triton", ADDMM)
+    """The paths auto times: the built GPU backends; without the CUDA extension, the unfused composite too.
+    The extension runs the same cuBLAS products as the composite (its dropout kernels make fewer passes, 989
+    against 1040 µs of GPU time per 8192×4096² train step) from one C++ call, so next to it the composite can
+    only win by timing noise, and did: a 2048-row train key picked it on one timing and then ran 0.43 ms per
+    call against the extension's 0.25 (bench/NOTES.md, "Session of 2026-11-29, close of day")."""
+    if _backends.cuda_ext_available():
+        return ("cuda", "triton")
+    return ("triton", ADDMM)
 
 
 def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float = 0.0):

@@ -132,8 +132,12 @@ def bench_linear(mode, M, K, N, r, dtype, dropout_p, names, log):
         except Exception as e:  # noqa: BLE001 - one provider failing must not lose the others' figures
             log(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
     best = {}
-    for _ in range(ROUNDS):
-        for name, (run, peak) in list(timers.items()):
+    for round_no in range(ROUNDS):
+        # each round starts one provider later: under a sustained load the GPU's clock sags, and a fixed order
+        # put the same provider last in every round (auto read 3-5 % above the cuda pick it runs on)
+        order = list(timers.items())
+        order = order[round_no % len(order):] + order[:round_no % len(order)] if order else order
+        for name, (run, peak) in order:
             try:
                 (p20, p50, p80), how = run()
             except Exception as e:  # noqa: BLE001
