@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from helpers import make_inputs, oracle_check
+from helpers import SEED_HIGH, make_inputs, oracle_check
 
 pytestmark = pytest.mark.gpu
 
@@ -138,3 +138,23 @@ def test_cuda_dropout_kernel_matches_reference_mask(dtype, cols):
     seed = torch.tensor(987654321, device="cuda")
     got = torch.ops.lora_kernels.dropout(x, seed, 0.3)
     assert torch.equal(got.cpu(), reference.apply_dropout(x.cpu(), 0.3, seed.cpu()))
+
+
+@pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, K, r", [(1000, 4096, 16), (333, 70, 1), (257, 99, 17), (64, 1000, 33), (700, 512, 64),
+                                     (50, 256, 65)])
+def test_cuda_dropout_backward_one_pass(dtype, M, K, r):
+    """The extension's dropout backward at ranks 1 to 65, odd K and few rows, under the oracle rule; without a
+    gradient for x (dropout(x) then comes from the plain mask kernel instead of the paired one) the adapters'
+    gradients are the same bits."""
+    x, w, a, b, bias = make_inputs(M, K, 48, r, dtype, device="cuda", adapter_dtype=torch.float32)
+    got = oracle_check(x, w, a, b, bias, scaling=0.75, dropout_p=0.2, backend="cuda", seed=M + r)
+    torch.manual_seed(M + r)  # oracle_check's draws: its seed tensor, then dy
+    torch.randint(0, SEED_HIGH, (), device="cuda", dtype=torch.int64)
+    dy = torch.randn(M, 48, device="cuda", dtype=torch.float64)
+    torch.manual_seed(M + r)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (a, b, bias)]
+    y = lk.lora_linear(x.detach(), w, leaves[0], leaves[1], 0.75, leaves[2], dropout_p=0.2, backend="cuda")
+    y.backward(dy.to(y.dtype))
+    assert torch.equal(leaves[0].grad, got[2]) and torch.equal(leaves[1].grad, got[3])
