@@ -9,9 +9,9 @@ the same tensors, each after the L2 cache is overwritten (measured.cold_ms, as t
 fastest serves that key from then on (`LORA_KERNELS_AUTO=cuda|triton|addmm` forces one). Candidates: the
 built backends, and where the CUDA extension is not built the composite, which keeps what the fused op keeps
 (x and x·Aᵀ; with dropout the mask is regenerated in backward by one Triton kernel, never stored), so auto
-trades no memory for speed. The timing
-leaves no trace: it runs on detached views, takes gradients with autograd.grad (nothing is accumulated) and
-restores the random generators, so dropout masks drawn later are those of an untimed run.
+trades no memory for speed. The timing leaves no trace: it runs on detached views, takes gradients with
+autograd.grad (nothing is accumulated) and restores the random generators, so dropout masks drawn later are
+those of an untimed run.
 Nothing is timed inside CUDA-graph capture, sync-debug mode or a backward pass (an activation-checkpoint
 recompute): those take the statically resolved backend until the key is decided. Forward-only keys also get
 a second pick, by GPU time alone, which CUDA-graph captures take: a replay has no host time, and at 16 rows

@@ -1,7 +1,7 @@
 """`auto` for the fused linear on a GPU: each shape and mode is timed once on every candidate (the built
 backends, and the unfused addmm composite where the CUDA extension is not built), the fastest serves it, and
-the timing leaves no trace (generators restored, no gradient accumulated). Timing is stubbed here, and a named backend
-stands in for the kernels, so the rule itself runs on the CPU."""
+the timing leaves no trace (generators restored, no gradient accumulated). Timing is stubbed here, and a
+named backend stands in for the kernels, so the rule itself runs on the CPU."""
 from types import SimpleNamespace
 
 import pytest

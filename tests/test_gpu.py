@@ -144,7 +144,7 @@ def test_cuda_dropout_kernel_matches_reference_mask(dtype, cols):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, K, r", [(1000, 4096, 16), (333, 70, 1), (257, 99, 17), (64, 1000, 33), (700, 512, 64),
                                      (50, 256, 65)])
-def test_cuda_dropout_backward_one_pass(dtype, M, K, r):
+def test_cuda_dropout_backward_ranks_and_frozen_x(dtype, M, K, r):
     """The extension's dropout backward at ranks 1 to 65, odd K and few rows, under the oracle rule; without a
     gradient for x (dropout(x) then comes from the plain mask kernel instead of the paired one) the adapters'
     gradients are the same bits."""

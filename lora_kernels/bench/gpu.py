@@ -136,8 +136,8 @@ def bench_linear(mode, M, K, N, r, dtype, dropout_p, names, log):
         # each round starts one provider later: under a sustained load the GPU's clock sags, and a fixed order
         # put the same provider last in every round (auto read 3-5 % above the cuda pick it runs on)
         order = list(timers.items())
-        order = order[round_no % len(order):] + order[:round_no % len(order)] if order else order
-        for name, (run, peak) in order:
+        first = round_no % max(len(order), 1)
+        for name, (run, peak) in order[first:] + order[:first]:
             try:
                 (p20, p50, p80), how = run()
             except Exception as e:  # noqa: BLE001
