@@ -40,6 +40,12 @@ def candidates() -> tuple:
     return ("triton", ADDMM)
 
 
+def forcible() -> tuple:
+    """The names LORA_KERNELS_AUTO may force: the candidates, and the composite even where it is not timed."""
+    names = candidates()
+    return names if ADDMM in names else names + (ADDMM,)
+
+
 def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float = 0.0):
     """The unfused composite: y = x·Wᵀ (+ bias), then y += s·(dropout(x)·Aᵀ)·Bᵀ in one addmm, the adapters
     cast to x's dtype (their gradients come back in their own). What is kept for backward is x and x·Aᵀ, as
@@ -132,14 +138,14 @@ def linear_backend(linear, x, weight, lora_A, lora_B, bias, scaling: float, drop
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
     key = _key(x, weight, lora_A, lora_B, bias, dropout_p, training)
-    names = candidates()
+    names, forced = candidates(), forcible()
     capturing = torch.cuda.is_current_stream_capturing()
     if capturing:
         # A CUDA graph replays kernels without their host time, so it takes the pick by GPU time, made
         # beside the eager pick on the first eager call (graphs are captured after an eager warm-up).
-        return (measured.decided(_graph_key(key), ENV, names)
-                or measured.decided(key, ENV, names) or default)
-    decided = measured.decided(key, ENV, names)
+        return (measured.decided(_graph_key(key), ENV, forced)
+                or measured.decided(key, ENV, forced) or default)
+    decided = measured.decided(key, ENV, forced)
     if decided is not None:
         return decided
     if torch._C._current_autograd_node() is not None or torch.cuda.get_sync_debug_mode() != 0:
@@ -166,7 +172,7 @@ def settled(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
     from .triton import measured
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
     return measured.decided(_key(x, weight, lora_A, lora_B, bias, dropout_p, training), ENV,
-                            candidates()) is not None
+                            forcible()) is not None
 
 
 def applies(backend: str, name: str, x, scaling_t) -> bool:

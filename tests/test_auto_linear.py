@@ -98,6 +98,10 @@ def test_the_addmm_composite_serves_where_it_is_fastest_without_the_extension(ti
     timed.times.update(addmm=0.5)
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.0) == "triton"
     assert set(timed.calls) == {"cuda", "triton"}
+    monkeypatch.setenv(auto_linear.ENV, "addmm")  # still forcible by the variable, untimed
+    timed.calls.clear()
+    assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1) == "addmm" and not timed.calls
+    monkeypatch.delenv(auto_linear.ENV)
     monkeypatch.setattr(auto_linear._backends, "cuda_ext_available", lambda: False)
     timed.calls.clear()
     assert auto_linear.linear_backend(timed.linear, x, w, a, b, None, 0.5, 0.1, default="triton") == "addmm"
