@@ -19,7 +19,6 @@ from .nf4_tile import NF4Operand, dequant_pairs, dequant_rows
 
 MAX_ROWS = 64
 MAX_RANK = 128
-REDUCE_TILE = 4096  # float32 partial sums a reduce program loads at once (32 registers a thread at 4 warps)
 GEMV_MAX_ROWS = 4  # the multiply-add partials (4-bit W) hold ROWS x BLOCK_N x BLOCK_K / 2 products per tile
 
 
@@ -119,28 +118,22 @@ def _splitk_reduce_kernel(
     part_ptr, xa_part_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr,
     M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale,
     HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # SPLIT_CHUNK slices are loaded at once and summed by tl.sum (a fixed tree per compiled variant): one wait
-    # on L2 per chunk, where a load per slice made the reduce a chain of SPLIT waits
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
-    rs = tl.arange(0, SPLIT_CHUNK)
     m_ok = rm < M
     n_ok = offs_n < N
     r_ok = rr < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for s0 in range(0, SPLIT, SPLIT_CHUNK):
-        ss = s0 + rs
-        s_ok = (ss < SPLIT)[:, None, None]
-        rows = ss[:, None, None] * M + rm[None, :, None]
-        acc += tl.sum(tl.load(part_ptr + rows.to(tl.int64) * N + offs_n[None, None, :],
-                              mask=s_ok & m_ok[None, :, None] & n_ok[None, None, :], other=0.0), axis=0)
-        xa += tl.sum(tl.load(xa_part_ptr + rows * R + rr[None, None, :],
-                             mask=s_ok & m_ok[None, :, None] & r_ok[None, None, :], other=0.0), axis=0)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + (s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        xa += tl.load(xa_part_ptr + (s * M + rm[:, None]) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                      other=0.0)
     if pid_n == 0:
         tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
     if SCALE_FROM_PTR:
@@ -225,15 +218,11 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=F
     y = torch.empty((M, N), device=dev, dtype=x2d.dtype)
     xa = torch.empty((M, R), device=dev, dtype=torch.float32)
     from_ptr = scale_t is not None
-    # The reduce's own column blocks, 16 wide: 4x the programs of the partials' blocks (64 of 64 columns at
-    # N = 4096 left most SMs idle), each loading up to REDUCE_TILE partial sums at once
-    reduce_n = 16
-    chunk = max(1, min(configs.next_pow2(split), REDUCE_TILE // (block_m * reduce_n)))
-    _splitk_reduce_kernel[(configs.cdiv(N, reduce_n),)](
+    _splitk_reduce_kernel[(n_blocks,)](
         part, xa_part, lora_B, bias if bias is not None else x2d, scale_t if from_ptr else x2d, y, xa,
         M, N, R, split, lora_B.stride(0), lora_B.stride(1), y.stride(0), 1.0 if from_ptr else float(scale),
         HAS_BIAS=bias is not None, SCALE_FROM_PTR=from_ptr, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=reduce_n, BLOCK_R=block_r, SPLIT_CHUNK=chunk, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
     return y, xa
 
 
