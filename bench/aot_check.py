@@ -157,6 +157,9 @@ def variants():
     red = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_R=16)
     yield "split-K decode reduce + LoRA + bias", sk_mod._splitk_reduce_kernel, \
         {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)
+    yield "split-K decode in one launch (partials, last program reduces)", sk_mod._splitk_fused_kernel, \
+        dict(sk_ptrs, count_ptr="*i32", b_ptr="*fp32", bias_ptr="*bf16", scale_ptr="*fp32", xa_ptr="*fp32"), \
+        dict(red, BLOCK_K=128), dict(num_warps=4, num_stages=3)
     yield "NF4 dequantise whole W", nf4_mod._dequantize_kernel, {"*": "*fp32", "b_ptr": "*u8", "out_ptr": "*bf16"}, \
         dict(BLOCK_N=32, BLOCK_K=256), dict(num_warps=4)
     tma = dict(B_ROWS_ARE_N=True, HAS_BIAS=True, SCALE_FROM_PTR=False, LOWRANK_DROPOUT=False, DOT_PRECISION="tf32",

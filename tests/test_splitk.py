@@ -20,15 +20,21 @@ DEVICES = TRITON_DEVICES
     (17, 300, 129, 33, torch.float32, False, True),    # rank padded 33 -> 64
     (64, 96, 17, 128, torch.float16, False, False),
 ])
-def test_splitk_forward_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, dtype, adapter_fp32, bias):
+@pytest.mark.parametrize("path", ["splitk", "fused"])
+def test_splitk_forward_meets_the_oracle_rule(monkeypatch, device, M, K, N, r, dtype, adapter_fp32, bias, path):
+    """Both forms: partials then a reduce launch, and the fused one (the last program of each column block
+    to finish does its reduce)."""
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter runs float32 / float16")
-    monkeypatch.setenv("LORA_KERNELS_DECODE", "splitk")
-    calls = count_calls(monkeypatch, splitk, "forward")
+    monkeypatch.setenv("LORA_KERNELS_DECODE", path)
+    fused_flags = []
+    orig = splitk.forward
+    monkeypatch.setattr(splitk, "forward",
+                        lambda *a, **k: (fused_flags.append(k.get("fused", False)), orig(*a, **k))[1])
     inputs = make_inputs(M, K, N, r, dtype, device=device, bias=bias,
                          adapter_dtype=torch.float32 if adapter_fp32 else None)
     oracle_check(*inputs, dropout_p=0.0, backend="triton", seed=M + K)
-    assert calls, "the split-K path did not run"
+    assert fused_flags and all(f == (path == "fused") for f in fused_flags), fused_flags
 
 
 @pytest.mark.parametrize("device", DEVICES)

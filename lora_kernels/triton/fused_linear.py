@@ -458,9 +458,10 @@ def forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, dropout_p, se
         run_splitk = functools.partial(splitk.forward, *args[:-1], precision=_precision(x2d.dtype, allow_tf32))
         run_gemm = functools.partial(_gemm_forward, *args[:-1], drop, allow_tf32)
         run_gemv = functools.partial(run_splitk, gemv=True) if splitk.gemv_applies(x2d, weight) else None
-        path = splitk.choose_path(key, run_gemm, run_splitk, run_gemv)
+        run_fused = None if isinstance(weight, NF4Operand) else functools.partial(run_splitk, fused=True)
+        path = splitk.choose_path(key, run_gemm, run_splitk, run_gemv, run_fused)
         if path != "gemm":
-            return run_gemv() if path == "gemv" else run_splitk()
+            return {"gemv": run_gemv, "fused": run_fused}.get(path, run_splitk)()
     return _gemm_forward(x2d, weight, lora_A, lora_B, bias, scaling, scaling_t, drop, allow_tf32)
 
 

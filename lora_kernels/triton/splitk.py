@@ -7,7 +7,8 @@ is 64-256 programs, too few to keep HBM busy. Here program (n, s) reduces K slic
     reduce    y     = Σ_s P[s] + (s·Σ_s Q[s])·Bᵀ + bias,   xa = Σ_s Q[s] (saved for backward)
 
 Two launches instead of one, so the choice against the GEMM path is made per shape by measurement
-(choose_path, measured.py). No dropout (the GEMM path keeps it).
+(choose_path, measured.py); for a 16-bit or float32 W the "fused" form is a third candidate: one launch
+whose last program per column block to finish does that block's reduce. No dropout (the GEMM path keeps it).
 Partial sums go to separate slices and are added in a fixed order: results are deterministic.
 """
 import torch
@@ -114,13 +115,13 @@ def _nf4_gemv_partial_kernel(
 
 
 @triton.jit
-def _splitk_reduce_kernel(
-    part_ptr, xa_part_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr,
-    M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale,
-    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
+def _reduce_columns(part_ptr, xa_part_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr, pid_n, write_xa,
+                    M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale,
+                    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y's column block pid_n: its SPLIT partial sums and x·Aᵀ's (xa_part: SPLIT slices of M×R) added in
+    order, then (s·xa)·Bᵀ and the bias; xa itself stored where write_xa. Loads bypass L1 (.cg): the fused
+    kernel reads partials other programs of the same launch wrote."""
     rm = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -131,10 +132,10 @@ def _splitk_reduce_kernel(
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for s in range(0, SPLIT):
         acc += tl.load(part_ptr + (s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :],
-                       mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg")
         xa += tl.load(xa_part_ptr + (s * M + rm[:, None]) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                      other=0.0)
-    if pid_n == 0:
+                      other=0.0, cache_modifier=".cg")
+    if write_xa:
         tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
     if SCALE_FROM_PTR:
         s_val = tl.load(scale_ptr).to(tl.float32)
@@ -147,6 +148,62 @@ def _splitk_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + offs_n[None, :], acc.to(DT), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, xa_part_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr,
+    M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale,
+    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    _reduce_columns(part_ptr, xa_part_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr, pid_n, pid_n == 0,
+                    M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale, HAS_BIAS, SCALE_FROM_PTR, DOT_PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _splitk_fused_kernel(
+    x_ptr, w_ptr, a_ptr, part_ptr, xa_part_ptr, count_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr,
+    M, N, K, R, K_PER_SPLIT, SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, scale,
+    HAS_BIAS: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # The partials of _splitk_partial_kernel (16-bit or float32 W), then the reduce in the same launch: the
+    # last program of each column block to finish (a counter per block, zeroed by the caller) adds the
+    # slices in order. Every program also forms its slice of x·Aᵀ, so a column block's reduce depends on
+    # its own programs only (no wait on column block 0).
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)  # wrapped: loads stay in bounds, stores are masked
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_start = pid_s * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
+        xa = tl.dot(x, tl.trans(a.to(x.dtype)), xa, input_precision=DOT_PRECISION)
+    xa_col = xa_part_ptr + pid_n * SPLIT * M * R  # this column block's SPLIT slices of x·Aᵀ
+    tl.store(part_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :], acc,
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
+    tl.store(xa_col + (pid_s * M + rm[:, None]) * R + rr[None, :], xa, mask=m_ok[:, None] & (rr[None, :] < R))
+    tl.debug_barrier()  # every thread's partials are stored before the count (release, GPU scope)
+    done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if done == SPLIT - 1:
+        _reduce_columns(part_ptr, xa_col, b_ptr, bias_ptr, scale_ptr, y_ptr, xa_ptr, pid_n, pid_n == 0,
+                        M, N, R, SPLIT, stride_bn, stride_br, stride_ym, scale, HAS_BIAS, SCALE_FROM_PTR,
+                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 def applies(x2d, weight, lora_A, dropout_on: bool) -> bool:
@@ -165,13 +222,15 @@ def gemv_applies(x2d, weight) -> bool:
     return isinstance(weight, NF4Operand) and x2d.shape[0] <= GEMV_MAX_ROWS
 
 
-def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=False):
+def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=False, fused=False):
     """(y, xa) as fused_linear.forward returns them, for the shapes `applies` accepts; gemv=True (where
-    gemv_applies) makes the partial sums by multiply-adds instead of tensor-core products."""
+    gemv_applies) makes the partial sums by multiply-adds instead of tensor-core products; fused=True (a
+    16-bit or float32 W) adds them up in the same launch (_splitk_fused_kernel) instead of a second one."""
     M, K = x2d.shape
     N, R = lora_B.shape
     nf4 = isinstance(weight, NF4Operand)
     gemv = gemv and gemv_applies(x2d, weight)
+    fused = fused and not nf4 and not gemv
     block_m, block_r = max(16, configs.next_pow2(M)), max(16, configs.next_pow2(R))
     if configs.interpreting():
         block_n, block_k = 16, 64
@@ -186,7 +245,12 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=F
     # once) kept under an eighth of W's bytes.
     w_bytes = 0.5 if nf4 else weight.element_size()
     max_split = max(1, min(configs.cdiv(K, block_k), int(K * w_bytes) // (32 * M)))
-    variant = ("splitk", nf4, gemv, x2d.dtype, lora_A.dtype, block_m, block_k, block_r, precision)
+    variant = ("splitk", nf4, gemv, fused, x2d.dtype, lora_A.dtype, block_m, block_k, block_r, precision)
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    xa = torch.empty((M, R), device=x2d.device, dtype=torch.float32)
+    from_ptr = scale_t is not None
+    bias_arg, scale_arg, scale_f = bias if bias is not None else x2d, scale_t if from_ptr else x2d, \
+        1.0 if from_ptr else float(scale)
     dev = x2d.device
     if nf4:
         w, absmax, code, swn, swk = weight.packed, weight.absmax, weight.code, K, 1
@@ -197,8 +261,16 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=F
         k_per_split = configs.cdiv(configs.cdiv(K, split), block_k) * block_k
         split = configs.cdiv(K, k_per_split)
         part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
-        xa_part = torch.empty((split, M, R), device=dev, dtype=torch.float32)
-        if gemv:
+        xa_part = torch.empty(((n_blocks if fused else 1) * split, M, R), device=dev, dtype=torch.float32)
+        if fused:
+            counts = torch.zeros((n_blocks,), device=dev, dtype=torch.int32)
+            kernel = _splitk_fused_kernel[grid or (n_blocks, split)](
+                x2d, w, lora_A, part, xa_part, counts, lora_B, bias_arg, scale_arg, y, xa,
+                M, N, K, R, k_per_split, split, x2d.stride(0), swn, swk, lora_A.stride(0), lora_A.stride(1),
+                lora_B.stride(0), lora_B.stride(1), y.stride(0), scale_f,
+                HAS_BIAS=bias is not None, SCALE_FROM_PTR=from_ptr, DOT_PRECISION=precision,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4, num_stages=3)
+        elif gemv:
             kernel = _nf4_gemv_partial_kernel[grid or (n_blocks, split)](
                 x2d, w, absmax, code, lora_A, part, xa_part, M, N, K, R, k_per_split, x2d.stride(0),
                 lora_A.stride(0), lora_A.stride(1), ROWS=configs.next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k,
@@ -215,19 +287,17 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=F
         kernel, *_ = partials((1, 1), max_split)
         waves.note(kernel, x2d, variant)
     _, part, xa_part, split = partials(None, waves.per_unit(n_blocks, max_split, x2d, variant))
-    y = torch.empty((M, N), device=dev, dtype=x2d.dtype)
-    xa = torch.empty((M, R), device=dev, dtype=torch.float32)
-    from_ptr = scale_t is not None
-    _splitk_reduce_kernel[(n_blocks,)](
-        part, xa_part, lora_B, bias if bias is not None else x2d, scale_t if from_ptr else x2d, y, xa,
-        M, N, R, split, lora_B.stride(0), lora_B.stride(1), y.stride(0), 1.0 if from_ptr else float(scale),
-        HAS_BIAS=bias is not None, SCALE_FROM_PTR=from_ptr, DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+    if not fused:
+        _splitk_reduce_kernel[(n_blocks,)](
+            part, xa_part, lora_B, bias_arg, scale_arg, y, xa, M, N, R, split, lora_B.stride(0), lora_B.stride(1),
+            y.stride(0), scale_f, HAS_BIAS=bias is not None, SCALE_FROM_PTR=from_ptr, DOT_PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
     return y, xa
 
 
-def choose_path(key, gemm, splitk, gemv=None) -> str:
-    """'gemm', 'splitk' or 'gemv' (where given) for this shape key, by GPU time (measured.choose;
-    LORA_KERNELS_DECODE=gemm|splitk|gemv forces one)."""
-    options = {"gemm": gemm, "splitk": splitk, **({"gemv": gemv} if gemv is not None else {})}
+def choose_path(key, gemm, splitk, gemv=None, fused=None) -> str:
+    """'gemm', 'splitk', 'gemv' or 'fused' (those given) for this shape key, by GPU time (measured.choose;
+    LORA_KERNELS_DECODE=gemm|splitk|gemv|fused forces one)."""
+    options = {"gemm": gemm, "splitk": splitk, **({"gemv": gemv} if gemv is not None else {}),
+               **({"fused": fused} if fused is not None else {})}
     return measured.choose(("decode",) + tuple(key), options, "gemm", "LORA_KERNELS_DECODE", by="gpu")
