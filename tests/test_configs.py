@@ -76,3 +76,25 @@ def test_pruned_tiles_fit_and_keep_candidates(monkeypatch):
 def test_quick_tune_keeps_one_tile(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_QUICK_TUNE", "1")
     assert len(_prune(torch.bfloat16, 4096, BLOCK_R=16)) == 1
+
+
+def test_float32_without_tf32_gets_only_fma_tiles(monkeypatch):
+    """DOT_PRECISION "ieee" multiplies on the FMA units: tensor-core tiles spill there and took minutes of
+    compiling per new shape, so only the small FMA tiles are tuned over; the other precisions never see them."""
+    monkeypatch.delenv("LORA_KERNELS_QUICK_TUNE", raising=False)
+    everything = configs.GEMM_CONFIGS + configs.FMA_GEMM_CONFIGS
+    f32 = torch.empty(1, dtype=torch.float32)
+    for mb in (1, 16, 64, 512, 4096):
+        for flags in (dict(BLOCK_R=16), dict(BLOCK_R=256), dict(BLOCK_R=64, LOWRANK_DROPOUT=True)):
+            kept = configs.prune_gemm_configs(everything, {"a_ptr": f32, "M_BUCKET": mb}, DOT_PRECISION="ieee",
+                                              **flags)
+            assert kept, (mb, flags)
+            for c in kept:
+                k = c.kwargs
+                assert k["BLOCK_M"] * k["BLOCK_N"] <= 64 * 64 and k["BLOCK_K"] <= 32, (mb, flags, c)
+                assert k["BLOCK_M"] <= max(mb, 16)
+                assert k["BLOCK_M"] * k["BLOCK_N"] * flags["BLOCK_R"] <= 64 * 64 * 64 or k["BLOCK_M"] == 16
+        tensor_core = configs.prune_gemm_configs(everything, {"a_ptr": f32, "M_BUCKET": mb}, DOT_PRECISION="tf32",
+                                                 BLOCK_R=16)
+        fma = [(c.kwargs, c.num_warps) for c in configs.FMA_GEMM_CONFIGS]
+        assert tensor_core and all((c.kwargs, c.num_warps) not in fma for c in tensor_core)

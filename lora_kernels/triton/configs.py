@@ -60,6 +60,15 @@ GEMM_CONFIGS = [
 ]
 
 # One small tile for the interpreter: correctness only.
+# Float32 operands without TF32 (DOT_PRECISION "ieee") multiply on the FMA units: every product of a tile is
+# an unrolled instruction, so the tensor-core tiles above spill (~10 KB per thread at 128x128x64) and took
+# 10-20 s each to compile on the CPU, minutes per new shape on a GPU host; these stay within 255 registers.
+FMA_GEMM_CONFIGS = [
+    _cfg(64, 64, 32, 4, 3),
+    _cfg(32, 64, 32, 4, 3),
+    _cfg(16, 64, 32, 4, 3),
+]
+
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
@@ -130,6 +139,13 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     """Keep the tiles meant for this M, and lower num_stages (down to 2) until a tile fits in shared
     memory: float32 operands need twice the bf16 bytes, and a launch past the limit fails outright."""
     mb = named_args["M_BUCKET"]
+    if kwargs.get("DOT_PRECISION") == "ieee":
+        # the low-rank step unrolls BLOCK_M·BLOCK_N·BLOCK_R products too: 64x64 at rank 256 spilled 4.5 KB
+        fma_work = 64 * 64 * 64 // kwargs.get("BLOCK_R", 16)
+        configs = [c for c in FMA_GEMM_CONFIGS if c.kwargs["BLOCK_M"] <= max(mb, 16)
+                   and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max(fma_work, 16 * 64)]
+    else:
+        configs = [c for c in configs if c not in FMA_GEMM_CONFIGS]
     big = mb >= 256
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] >= 64) == big or mb in (64, 128)] or list(configs)
     if kwargs.get("LOWRANK_DROPOUT"):

@@ -144,7 +144,7 @@ def _gemm_lowrank_kernel(
 
 
 _gemm_lowrank_tuned = triton.autotune(
-    configs=configs.GEMM_CONFIGS,
+    configs=configs.GEMM_CONFIGS + configs.FMA_GEMM_CONFIGS,
     # The flags change the work per tile (and its shared memory), so each variant tunes on its own.
     key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "LOWRANK_DROPOUT", "MULTI", "NF4", "NF4_LAYOUT", "FOLD_XA",
          "DOT_PRECISION", "BLOCK_R"],

@@ -239,7 +239,8 @@ def forward(x2d, weight, lora_A, lora_B, bias, scale, scale_t, precision, gemv=F
         # spills), so 3-4 programs per SM; wider tiles reached 220-255 registers
         block_n, block_k = 32, max(64, 128 // configs.next_pow2(M))
     else:
-        block_n, block_k = 64, 128
+        # float32 without TF32 ("ieee") multiplies on the FMA units, unrolled: 128-k steps spilled there
+        block_n, block_k = 64, (32 if precision == "ieee" else 128)
     n_blocks = configs.cdiv(N, block_n)
     # Whole waves of resident programs (waves.per_unit), but partial sums (split·M·N floats, written and read
     # once) kept under an eighth of W's bytes.
