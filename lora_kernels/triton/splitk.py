@@ -24,16 +24,13 @@ GEMV_MAX_ROWS = 4  # the multiply-add partials (4-bit W) hold ROWS x BLOCK_N x B
 
 
 @triton.jit
-def _splitk_partial_kernel(
-    x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, part_ptr, xa_part_ptr,
-    M, N, K, R, K_PER_SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak,
-    NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+def _partial_sums(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, with_xa, pid_s, offs_n,
+                  M, N, K, R, K_PER_SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak,
+                  NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Split pid_s's share of K for the column block offs_n: x·Wᵀ (M×BLOCK_N) and, where with_xa, x·Aᵀ
+    (M×BLOCK_R), both float32."""
     rm = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = (offs_n % N).to(tl.int64)  # wrapped: loads stay in bounds, stores are masked
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
@@ -50,11 +47,28 @@ def _splitk_partial_kernel(
         else:
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if pid_n == 0:
+        if with_xa:
             a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
                         mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
             xa = tl.dot(x, tl.trans(a.to(x.dtype)), xa, input_precision=DOT_PRECISION)
-    _store_partials(part_ptr, xa_part_ptr, acc, xa, pid_n, pid_s, rm, offs_n, rr, M, N, R)
+    return acc, xa
+
+
+@triton.jit
+def _splitk_partial_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, part_ptr, xa_part_ptr,
+    M, N, K, R, K_PER_SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak,
+    NF4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, xa = _partial_sums(x_ptr, w_ptr, absmax_ptr, code_ptr, a_ptr, pid_n == 0, pid_s, offs_n,
+                            M, N, K, R, K_PER_SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak,
+                            NF4, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+    _store_partials(part_ptr, xa_part_ptr, acc, xa, pid_n, pid_s, tl.arange(0, BLOCK_M), offs_n,
+                    tl.arange(0, BLOCK_R), M, N, R)
 
 
 @triton.jit
@@ -179,21 +193,11 @@ def _splitk_fused_kernel(
     pid_s = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = (offs_n % N).to(tl.int64)  # wrapped: loads stay in bounds, stores are masked
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    k_start = pid_s * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                    mask=(rr[:, None] < R) & k_ok[None, :], other=0.0)
-        xa = tl.dot(x, tl.trans(a.to(x.dtype)), xa, input_precision=DOT_PRECISION)
+    acc, xa = _partial_sums(x_ptr, w_ptr, w_ptr, w_ptr, a_ptr, True, pid_s, offs_n,
+                            M, N, K, R, K_PER_SPLIT, stride_xm, stride_wn, stride_wk, stride_ar, stride_ak,
+                            False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     xa_col = xa_part_ptr + pid_n * SPLIT * M * R  # this column block's SPLIT slices of x·Aᵀ
     tl.store(part_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + offs_n[None, :], acc,
              mask=m_ok[:, None] & (offs_n[None, :] < N))
