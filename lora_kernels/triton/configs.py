@@ -59,7 +59,6 @@ GEMM_CONFIGS = [
     _cfg(64, 64, 128, 4, 4),
 ]
 
-# One small tile for the interpreter: correctness only.
 # Float32 operands without TF32 (DOT_PRECISION "ieee") multiply on the FMA units: every product of a tile is
 # an unrolled instruction, so the tensor-core tiles above spill (~10 KB per thread at 128x128x64) and took
 # 10-20 s each to compile on the CPU, minutes per new shape on a GPU host; these stay within 255 registers.
@@ -69,6 +68,7 @@ FMA_GEMM_CONFIGS = [
     _cfg(16, 64, 32, 4, 3),
 ]
 
+# One small tile for the interpreter: correctness only.
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
