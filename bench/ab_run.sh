@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The same command on this tree and on copies of it with patches applied, one after another on one GPU, so
+# that a branch is measured against main in the same process conditions and the same call:
+#
+#   git diff main BRANCH > ab/BRANCH.patch            (here, before the call; ab/ travels as untracked files)
+#   bash bench/ab_run.sh "python3 bench/decode_graphs.py" ab/*.patch      (on the GPU machine)
+#
+# Output of each run in $OUT/ab-<label>.txt (label: "main" or the patch's file name); the command runs in
+# the tree's root with PYTHONPATH set to it, so `import lora_kernels` takes that tree's code (built
+# extensions included: the copies keep this tree's lora_kernels/*.so). ROUNDS=2 alternates the trees twice.
+set -uo pipefail
+OUT=${OUT:-.gpu_out}; mkdir -p "$OUT"
+cmd=$1; shift
+root=$(pwd)
+trees=("main:$root")
+for patch in "$@"; do
+  label=$(basename "$patch" .patch)
+  copy=/tmp/ab-$label
+  # the tree without virtual environments, build trees and git's store (a .venv here is gigabytes)
+  rm -rf "$copy" && mkdir -p "$copy"
+  tar -C "$root" --exclude=./.venv --exclude=./build --exclude=./.git --exclude=./.gpu_out --exclude='*/__pycache__' \
+    -cf - . | tar -C "$copy" -xf -
+  if ! (cd "$copy" && patch -p1 -s < "$root/$patch"); then
+    echo "ab_run: $patch does not apply; skipped" | tee -a "$OUT/ab-$label.txt"
+    continue
+  fi
+  trees+=("$label:$copy")
+done
+for ((round = 1; round <= ${ROUNDS:-1}; round++)); do
+  for entry in "${trees[@]}"; do
+    label=${entry%%:*} dir=${entry#*:}
+    echo "== round $round, $label: $cmd" >> "$OUT/ab-$label.txt"
+    (cd "$dir" && PYTHONPATH=$dir timeout "${AB_TIMEOUT:-300}" bash -c "$cmd") >> "$OUT/ab-$label.txt" 2>&1
+    echo "== exit $?" >> "$OUT/ab-$label.txt"
+  done
+done
