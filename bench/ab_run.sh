@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The same command on this tree and on copies of it with patches applied, one after another on one GPU, so
-# that a branch is measured against main in the same process conditions and the same call:
+# that a branch is measured against main on the same machine in the same run:
 #
-#   git diff main BRANCH > ab/BRANCH.patch            (here, before the call; ab/ travels as untracked files)
+#   git diff main BRANCH > ab/BRANCH.patch            (in a checkout of main; copy ab/ with the tree)
 #   bash bench/ab_run.sh "python3 bench/decode_graphs.py" ab/*.patch      (on the GPU machine)
 #
 # Output of each run in $OUT/ab-<label>.txt (label: "main" or the patch's file name); the command runs in
