@@ -156,7 +156,9 @@ def variants():
             dict(num_warps=4, num_stages=3)
     red = dict(HAS_BIAS=True, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_R=16)
     yield "split-K decode reduce + LoRA + bias", sk_mod._splitk_reduce_kernel, \
-        {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, red, dict(num_warps=4)
+        {"*": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16"}, dict(red, BLOCK_N=32), dict(num_warps=8)
+    yield "split-K decode reduce, float32 without TF32, 64 rows, rank 128", sk_mod._splitk_reduce_kernel, \
+        {"*": "*fp32"}, dict(red, BLOCK_M=64, BLOCK_N=32, BLOCK_R=128, DOT_PRECISION="ieee"), dict(num_warps=8)
     yield "split-K decode in one launch (partials, last program reduces)", sk_mod._splitk_fused_kernel, \
         dict(sk_ptrs, count_ptr="*i32", b_ptr="*fp32", bias_ptr="*bf16", scale_ptr="*fp32", xa_ptr="*fp32"), \
         dict(red, BLOCK_K=128), dict(num_warps=4, num_stages=3)
