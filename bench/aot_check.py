@@ -1,7 +1,9 @@
 """Compile every Triton kernel variant for Hopper (sm_90a) without a GPU and report what the compiler made:
-whether the GEMMs use wgmma (Hopper tensor cores), registers per thread and spills (ptxas -v).
+whether the GEMMs use wgmma (Hopper tensor cores), registers per thread and spills (ptxas -v); with --sass,
+the SASS instructions of the kernel and of its longest loop body (nvdisasm), to compare instruction counts of
+two forms of a kernel without a GPU.
 
-    python bench/aot_check.py [--json out.json]     (exit code 1 if any variant fails to compile)
+    python bench/aot_check.py [--json out.json] [--only NAME] [--sass]   (exit code 1 if any variant fails)
 
 Runs anywhere triton is installed: compilation needs no device. TRITON_INTERPRET must be unset.
 """
@@ -207,10 +209,58 @@ def _ptxas_usage(ptx: str):
     return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
+def _sass_counts(cubin: bytes):
+    """(instructions in the kernel, instructions in its longest loop body), from nvdisasm; a loop body is the
+    span from a backward branch's target to the branch."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return None, None
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    out = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    addrs, loop = [], 0
+    for line in out.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        addrs.append(addr)
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", m.group(2))
+        label = re.search(r"\.L_x_(\d+)", m.group(2)) if "BRA" in m.group(2) else None
+        if target and target.group(1):
+            start = int(target.group(1), 16)
+            if start < addr:
+                loop = max(loop, (addr - start) // 16 + 1)
+        elif label:
+            labels = _labels(out)
+            start = labels.get(label.group(1))
+            if start is not None and start < addr:
+                loop = max(loop, (addr - start) // 16 + 1)
+    return len(addrs), loop
+
+
+def _labels(text: str):
+    """nvdisasm's .L_x_N labels -> the address of the instruction after each."""
+    labels, pending = {}, []
+    for line in text.splitlines():
+        m = re.match(r"\.L_x_(\d+):", line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        a = re.match(r"\s*/\*([0-9a-f]{4,})\*/", line)
+        if a and pending:
+            for name in pending:
+                labels[name] = int(a.group(1), 16)
+            pending = []
+    return labels
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--only", default="", help="compile only the variants whose name contains this")
+    ap.add_argument("--sass", action="store_true", help="also count SASS instructions (kernel, longest loop)")
     args = ap.parse_args()
     results, failed = [], 0
     for name, fn, ptrs, consts, opts in variants():
@@ -224,6 +274,8 @@ def main():
             ptx = k.asm["ptx"]
             row.update(ok=True, wgmma="wgmma" in ptx, cp_async=("cp.async" in ptx), shared=k.metadata.shared)
             row["regs"], row["spill_bytes"] = _ptxas_usage(ptx)
+            if args.sass:
+                row["sass"], row["sass_loop"] = _sass_counts(k.asm["cubin"])
         except Exception as e:  # noqa: BLE001 - report every variant, fail at the end
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
             failed += 1
@@ -231,6 +283,7 @@ def main():
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {name:42s} " + (
             f"wgmma={row['wgmma']!s:5s} cp.async={row['cp_async']!s:5s} regs={row['regs']} "
             f"spills={row['spill_bytes']} smem={row['shared']}"
+            + (f" sass={row['sass']} loop={row['sass_loop']}" if args.sass else "")
             if row["ok"] else row["error"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
