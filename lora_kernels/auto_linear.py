@@ -61,9 +61,18 @@ def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
     dt = x.dtype
     x2d = x.reshape(-1, x.shape[-1])
     xa = x2d @ lora_A.to(dt).t()
-    y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else x2d @ weight.t()
-    y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=scaling)
+    y = _lowrank_then_base(x2d, weight, xa, lora_B.to(dt), bias, scaling)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _lowrank_then_base(x2d, weight, xa, b, bias, scaling):
+    """y = s·xa·bᵀ (+ bias) first, then y += x·Wᵀ in the big GEMM (beta = 1: y read in its epilogue), as the
+    extension orders them: one pass over y fewer than adding the low-rank term after the GEMM."""
+    if bias is not None:
+        y = torch.addmm(bias.to(x2d.dtype), xa, b.t(), alpha=scaling)
+    else:  # beta = 0: the uninitialised input is ignored
+        y = torch.addmm(xa.new_empty((xa.shape[0], b.shape[0])), xa, b.t(), beta=0, alpha=scaling)
+    return y.addmm_(x2d, weight.t())
 
 
 class _MaskedComposite(torch.autograd.Function):
@@ -77,8 +86,7 @@ class _MaskedComposite(torch.autograd.Function):
         dt = x2d.dtype
         a, b = lora_A.to(dt), lora_B.to(dt)  # kept for backward too: r×K and N×r, one cast each per step
         xa = dropout.apply(x2d, p, seed) @ a.t()
-        y = torch.addmm(bias.to(dt), x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        y.addmm_(xa, b.t(), alpha=scaling)
+        y = _lowrank_then_base(x2d, weight, xa, b, bias, scaling)
         ctx.save_for_backward(x2d, weight, a, b, xa, seed)
         ctx.adapter_dtypes = lora_A.dtype, lora_B.dtype
         ctx.scaling, ctx.p, ctx.bias_dtype = scaling, p, bias.dtype if bias is not None else None

@@ -116,7 +116,8 @@ def test_the_addmm_composite_serves_where_it_is_fastest_without_the_extension(ti
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("full", [False, True])
-def test_the_addmm_composite_meets_the_oracle_rule(device, p, full):
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_addmm_composite_meets_the_oracle_rule(device, p, full, with_bias):
     """The composite auto may pick: output and every gradient against float64 with the same dropout mask,
     within twice the error of the unfused arithmetic done by autograd in the working dtype (16-bit, and float32,
     whose products must not drop to TF32); float32 adapters, a bias, a 3-D input and odd sizes. With dropout
@@ -132,7 +133,7 @@ def test_the_addmm_composite_meets_the_oracle_rule(device, p, full):
     dy = torch.randn(3, 13, 24, generator=g).to(dt).to(device)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, bias)]
     torch.manual_seed(5)
-    y = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.75, p)
+    y = auto_linear.addmm_linear(leaves[0], w, leaves[1], leaves[2], leaves[3] if with_bias else None, 0.75, p)
     y.backward(dy)
     torch.manual_seed(5)
     seed = ops._seed_from_generator(x) if p > 0 else None            # the draw the composite made
@@ -141,11 +142,12 @@ def test_the_addmm_composite_meets_the_oracle_rule(device, p, full):
         ins = [t.detach().clone().to(dtype if t.dtype == dt else (torch.float64 if dtype == torch.float64
                                                                    else t.dtype)).requires_grad_(True)
                for t in (x, a, b, bias)]
-        out = reference.lora_linear(ins[0], w.to(dtype), ins[1], ins[2], 0.75, ins[3], dropout_p=p, seed=seed)
+        out = reference.lora_linear(ins[0], w.to(dtype), ins[1], ins[2], 0.75, ins[3] if with_bias else None,
+                                    dropout_p=p, seed=seed)
         out.backward(dy.to(dtype))
-        return [out] + [t.grad for t in ins]
+        return [out] + [t.grad for t in ins[:3 + with_bias]]
     want, plain = unfused(torch.float64), unfused(dt)
-    for got, ref, base in zip([y] + [t.grad for t in leaves], want, plain):
+    for got, ref, base in zip([y] + [t.grad for t in leaves[:3 + with_bias]], want, plain):
         assert got.dtype == base.dtype and got.shape == base.shape
         err = (got.double() - ref).abs().max().item()
         assert err <= 2 * (base.double() - ref).abs().max().item() + 1e-6, err
