@@ -1,8 +1,9 @@
 """Tile sweep of the two-launch split-K decode (partials, then reduce) under CUDA graphs: which partial tile,
 pipeline depth and split, and which reduce tile, give the least GPU time per forward, against cuBLAS x@Wᵀ in
-the same run. Each candidate's output is checked against the shipped path's before it is timed.
+the same run; with --fused, the one-launch form's tiles instead (the path `auto` takes at 64 rows). Each
+candidate's output is checked against float32 before it is timed.
 
-    python3 bench/splitk_sweep.py [--rows 16 64] [--kn 4096] [--top 8]"""
+    python3 bench/splitk_sweep.py [--rows 16 64] [--kn 4096] [--top 8] [--fused]"""
 import argparse
 import itertools
 
@@ -29,6 +30,58 @@ def _reduce(part, xa_part, b, y, xa, split, bn, warps):
         part, xa_part, b, y, y, y, xa, M, N, R, split, b.stride(0), b.stride(1), y.stride(0), 2.0,
         HAS_BIAS=False, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=max(16, configs.next_pow2(M)),
         BLOCK_N=bn, BLOCK_R=16, num_warps=warps)
+
+
+def _fused(x, w, a, b, y, xa, split, bn, bk, warps, stages):
+    M, K = x.shape
+    N = w.shape[0]
+    n_blocks = configs.cdiv(N, bn)
+    k_per_split = configs.cdiv(configs.cdiv(K, split), bk) * bk
+    split = configs.cdiv(K, k_per_split)
+    part = torch.empty(split, M, N, device="cuda", dtype=torch.float32)
+    xa_part = torch.empty(n_blocks * split, M, R, device="cuda", dtype=torch.float32)
+    counts = torch.zeros(n_blocks, device="cuda", dtype=torch.int32)
+    splitk._splitk_fused_kernel[(n_blocks, split)](
+        x, w, a, part, xa_part, counts, b, y, y, y, xa, M, N, K, R, k_per_split, split, x.stride(0), w.stride(0),
+        w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0), 2.0,
+        HAS_BIAS=False, SCALE_FROM_PTR=False, DOT_PRECISION="tf32", BLOCK_M=max(16, configs.next_pow2(M)),
+        BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, num_warps=warps, num_stages=stages)
+
+
+def sweep_fused(M, KN, top):
+    torch.manual_seed(0)
+    K = N = KN
+    dt = torch.bfloat16
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    w = (torch.randn(N, K, device="cuda") / K**0.5).to(dt)
+    a = (torch.randn(R, K, device="cuda") / K**0.5).to(dt)
+    b = (torch.randn(N, R, device="cuda") / R**0.5).to(dt)
+    ref = (x.float() @ w.float().t() + 2.0 * (x.float() @ a.float().t()) @ b.float().t())
+    cublas = do_bench_cudagraph(lambda: x @ w.t(), rep=50)
+    print(f"M={M} K=N={KN}: cuBLAS {cublas * 1e3:.1f} us (one-launch form)", flush=True)
+    y = torch.empty(M, N, device="cuda", dtype=dt)
+    xa = torch.empty(M, R, device="cuda", dtype=torch.float32)
+    rows = []
+    for bn, bk, warps, stages, split in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4),
+                                                          (2, 3, 4, 6, 8)):
+        def fwd():
+            _fused(x, w, a, b, y, xa, split, bn, bk, warps, stages)
+        try:
+            fwd()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a tile past the shared memory is reported and skipped
+            print(f"  bn={bn} bk={bk} w={warps} st={stages} split={split}: {type(e).__name__}", flush=True)
+            continue
+        err = (y.float() - ref).abs().max().item()
+        if err > 0.1:
+            print(f"  bn={bn} bk={bk} w={warps} st={stages} split={split}: WRONG (max err {err:.3g})")
+            continue
+        rows.append((do_bench_cudagraph(fwd, rep=30), bn, bk, warps, stages, split))
+    rows.sort()
+    print(f"M={M}: best one-launch tiles, GPU us under graphs (ratio to cuBLAS); shipped: bn=64 bk=128 warps=4 "
+          "stages=3")
+    for t, bn, bk, warps, stages, split in rows[:top]:
+        print(f"  {t * 1e3:5.1f} ({t / cublas:.3f})  bn={bn} bk={bk} warps={warps} stages={stages} split={split}")
 
 
 def sweep(M, KN, top):
@@ -101,9 +154,10 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--kn", type=int, default=4096)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--fused", action="store_true", help="sweep the one-launch form's tiles instead")
     args = ap.parse_args()
     for M in args.rows:
-        sweep(M, args.kn, args.top)
+        (sweep_fused if args.fused else sweep)(M, args.kn, args.top)
 
 
 if __name__ == "__main__":
