@@ -44,10 +44,10 @@ void dropout_pair_into(const at::Tensor& x, at::Tensor& out, at::Tensor& y, cons
 at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::Tensor>& seed);
 
 // Largest M served by the CUDA decode kernels (one pass over W for all rows): x's rows are the 8 columns of
-// one tensor-core product per step (16-bit x and W); float32 or unaligned calls take an FMA kernel up to 2
-// rows (it re-read x per slice of W: 103 us at 16 rows for a 4096x4096 W on an H100, cuBLAS 9 us) and the
-// composite path beyond.
-constexpr int64_t kDecodeMaxRows = 8;
+// one tensor-core product per step up to 8 rows, its 16 rows from 9 to 16 (16-bit x and W); float32 or
+// unaligned calls take an FMA kernel up to 2 rows (it re-read x per slice of W: 103 us at 16 rows for a
+// 4096x4096 W on an H100, cuBLAS 9 us) and the composite path beyond.
+constexpr int64_t kDecodeMaxRows = 16;
 // Largest M served by the 4-bit decode kernel (cuda/decode.cu): x's rows are the 8 columns of one tensor-core
 // product per step, so 1 to 8 rows cost one pass over W alike; the Triton paths serve the rest.
 constexpr int64_t kNF4DecodeMaxRows = 8;

@@ -41,14 +41,16 @@ def test_oracle_random_shapes(backend, case):
 @pytest.mark.skipif(not lk.cuda_ext_available(), reason="needs the CUDA extension")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, K, r", [(1, 4096, 16), (2, 33, 4), (1, 100, 256), (2, 4096, 64), (3, 4096, 16),
-                                     (5, 136, 8), (8, 1000, 16), (7, 33, 4), (12, 136, 8)])
+                                     (5, 136, 8), (8, 1000, 16), (7, 33, 4), (9, 136, 8), (12, 1000, 1),
+                                     (16, 4096, 64), (13, 4104, 16), (16, 136, 65), (17, 136, 8)])
 @pytest.mark.parametrize("adapter_fp32", [False, True])
 def test_cuda_decode_kernel(dtype, M, K, r, adapter_fp32):
-    """The CUDA decode path (its x·Aᵀ kernel, then one pass over W): 16-bit x on tensor cores up to 8 rows
-    (K = 136 and 1000 end on a partial 128-k step, 300 columns on a partial 16-column tile), float32 x and
-    K = 33 by FMAs up to 2 rows and the composite beyond (M = 7), as past 8 rows (M = 12); rows·r >= 8 as in
-    the property tests (below that a gradient hinges on one or two roundings), adapters in x's dtype or
-    float32, every gradient (dB reads the x·Aᵀ it saved)."""
+    """The CUDA decode path (its x·Aᵀ kernel, then one pass over W): 16-bit x on tensor cores up to 8 rows,
+    and 9 to 16 rows as the 16-row form with x·Aᵀ in slices of K (K = 4104 ends on a partial slice; r = 65
+    is past its rank limit: composite), K = 136, 1000 and 4104 end on a partial 128-k step, 300 columns on a
+    partial 16-column tile; float32 x and K = 33 by FMAs up to 2 rows and the composite beyond (M = 7), as
+    past 16 rows (M = 17); rows·r >= 8 as in the property tests (below that a gradient hinges on one or two
+    roundings), adapters in x's dtype or float32, every gradient (dB reads the x·Aᵀ it saved)."""
     inputs = make_inputs(M, K, 300, r, dtype, device="cuda", bias=M == 1,
                          adapter_dtype=torch.float32 if adapter_fp32 else None)
     oracle_check(*inputs, dropout_p=0.0, backend="cuda", seed=M * K + r)

@@ -1,6 +1,6 @@
 // Forward for small batches (M <= kDecodeMaxRows): memory bound on W, so one launch streams W once and
-// serves every row of x from it, 16-bit or NF4 W on tensor cores (mma_decode_kernel), float32 by FMAs
-// (decode_kernel, 2 rows); the LoRA term s·(x·Aᵀ)·Bᵀ joins the epilogue. x·Aᵀ comes from one small kernel
+// serves every row of x from it, 16-bit (up to 16 rows) or NF4 W (up to 8) on tensor cores
+// (mma_decode_kernel), float32 by FMAs (decode_kernel, 2 rows); the LoRA term s·(x·Aᵀ)·Bᵀ joins the epilogue. x·Aᵀ comes from one small kernel
 // launched before it. Larger M goes to cuBLAS (composite).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../checks.h"
@@ -20,26 +21,30 @@ namespace lora_kernels {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-constexpr int kMaxRows = static_cast<int>(kDecodeMaxRows);
+constexpr int kMmaRows = 8;    // x's rows as the 8 columns of each tensor-core product; beyond, X16 (16 rows)
+constexpr int kX16Rows = static_cast<int>(kDecodeMaxRows);
+constexpr int64_t kSliceK = 512;  // X16's x·Aᵀ: R·K/512 blocks (128 at r = 16, K = 4096) where R took 20.8 µs
 constexpr int kFmaDecodeMaxRows = 2;  // decode_kernel's rows: past 2 it re-read x more than cuBLAS reads W
 constexpr int kNF4Rows = static_cast<int>(kNF4DecodeMaxRows);
 
 // xa[m, j] = Σ_k x[m, k]·A[j, k] in float32, with A's values rounded to x's dtype as the composite path
-// rounds them: one block per rank index j. Replaces a cuBLAS GEMM, its split-K reduction and two casts
-// (four launches, 9 µs of the 19 µs that M = 1 took on an H100) with one launch.
+// rounds them: one block per rank index j (and per slice of K, blockIdx.y, whose partial sum goes to
+// xa + slice·M·R). Replaces a cuBLAS GEMM, its split-K reduction and two casts (four launches, 9 µs of the
+// 19 µs that M = 1 took on an H100) with one launch; 16 rows in one slice took 20.8 µs on an H200.
 template <typename T, typename TA, int ROWS>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     lowrank_rows_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ xa, int M, int64_t K,
-                        int R) {
+                        int R, int64_t slice_k) {
   __shared__ float partial[ROWS][kWarpsPerBlock];
-  pdl_launch_dependents();  // the 4-bit decode streams W meanwhile and waits for xa only at its end
+  pdl_launch_dependents();  // the decode kernel streams W meanwhile and waits for xa only at its end
   const int j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float acc[ROWS];
 #pragma unroll
   for (int m = 0; m < ROWS; ++m) acc[m] = 0.f;
   const TA* arow = A + static_cast<int64_t>(j) * K;
+  const int64_t k_end = std::min(K, (blockIdx.y + 1) * slice_k);
 #pragma unroll 4
-  for (int64_t k = threadIdx.x; k < K; k += kWarpsPerBlock * 32) {
+  for (int64_t k = blockIdx.y * slice_k + threadIdx.x; k < k_end; k += kWarpsPerBlock * 32) {
     const float a = static_cast<float>(static_cast<T>(arow[k]));
 #pragma unroll
     for (int m = 0; m < ROWS; ++m)
@@ -57,7 +62,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarpsPerBlock; ++w) v += partial[threadIdx.x][w];
-    xa[threadIdx.x * R + j] = v;
+    xa[(static_cast<int64_t>(blockIdx.y) * M + threadIdx.x) * R + j] = v;
   }
 }
 
@@ -119,19 +124,24 @@ void dispatch_adapter_dtype(at::ScalarType t, F&& f) {
     f(T{});
 }
 
-// x's dtype and the adapters' dispatched, x·Aᵀ (float32, at most ROWS rows) launched, then
-// launch(scalar tag, adapter tag) launches the caller's kernel, which reads xa.
+// x's dtype and the adapters' dispatched, x·Aᵀ (float32, at most ROWS rows; in slices of slice_k columns of
+// K when xa has room for more than one, see kSliceK) launched, then launch(scalar tag, adapter tag) launches
+// the caller's kernel, which reads xa.
 template <int ROWS, typename F>
-void after_lowrank_rows(const at::Tensor& xc, const at::Tensor& Ac, at::Tensor& xa, F&& launch) {
+void after_lowrank_rows(const at::Tensor& xc, const at::Tensor& Ac, at::Tensor& xa, F&& launch,
+                        int64_t slice_k = 0) {
   const int64_t M = xc.size(0), K = xc.size(1);
   const int R = static_cast<int>(Ac.size(0));
+  if (slice_k <= 0) slice_k = std::max<int64_t>(K, 1);
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((K + slice_k - 1) / slice_k));
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_kernel_dtype(xc.scalar_type(), "x", [&](auto tag) {
     using scalar_t = decltype(tag);
     dispatch_adapter_dtype<scalar_t>(Ac.scalar_type(), [&](auto adapter_tag) {
       using adapter_t = decltype(adapter_tag);
-      lowrank_rows_kernel<scalar_t, adapter_t, ROWS><<<R, kWarpsPerBlock * 32, 0, stream>>>(
-          xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R);
+      lowrank_rows_kernel<scalar_t, adapter_t, ROWS><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), Ac.data_ptr<adapter_t>(), xa.data_ptr<float>(), static_cast<int>(M), K, R,
+          slice_k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch(tag, adapter_tag);
     });
@@ -155,6 +165,9 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                    aligned16(wc.data_ptr());
   if (!mma && x.size(0) > kFmaDecodeMaxRows)
     return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
+  const bool x16 = x.size(0) > kMmaRows;  // 9 to 16 rows: the 16-row form, for ranks up to kSlicedMaxRank
+  if (x16 && (lora_A.size(0) > kSlicedMaxRank || weight.size(0) == 0))
+    return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
   const at::Tensor Ac = lora_A.contiguous(), Bc = lora_B.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->to(dt).contiguous() : at::Tensor();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -163,7 +176,23 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   at::Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   auto stream = at::cuda::getCurrentCUDAStream();
-  after_lowrank_rows<kMaxRows>(xc, Ac, xa, [&](auto tag, auto adapter_tag) {
+  if (x16) {
+    const int64_t slices = (K + kSliceK - 1) / kSliceK;
+    at::Tensor xa_parts = at::empty({slices, M, R}, x.options().dtype(at::kFloat));
+    after_lowrank_rows<kX16Rows>(xc, Ac, xa_parts, [&](auto tag, auto adapter_tag) {
+      using scalar_t = decltype(tag);
+      using adapter_t = decltype(adapter_tag);
+      if constexpr (sizeof(scalar_t) == 2) {  // mma: 16-bit x (checked above)
+        launch_mma_decode<scalar_t, adapter_t, WFormat::kDense, true>(
+            xc.data_ptr<scalar_t>(), wc.data_ptr(), nullptr, nullptr, nullptr, nullptr, 0.f,
+            xa_parts.data_ptr<float>(), Bc.data_ptr<adapter_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+            y.data_ptr<scalar_t>(), M, K, N, R, static_cast<float>(scaling), stream, static_cast<int>(slices),
+            xa.data_ptr<float>());
+      }
+    }, kSliceK);
+    return {y, xa};
+  }
+  after_lowrank_rows<kMmaRows>(xc, Ac, xa, [&](auto tag, auto adapter_tag) {
     using scalar_t = decltype(tag);
     using adapter_t = decltype(adapter_tag);
     const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;

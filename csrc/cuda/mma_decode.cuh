@@ -1,5 +1,5 @@
-// The tensor-core decode kernel (16-bit or NF4 W, up to 8 rows of 16-bit x) and its launcher; included by
-// decode.cu, which launches the x·Aᵀ kernel it runs beside.
+// The tensor-core decode kernel (16-bit or NF4 W, up to 8 rows of 16-bit x; 16-bit W up to 16 rows) and its
+// launcher; included by decode.cu, which launches the x·Aᵀ kernel it runs beside.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -98,6 +98,11 @@ struct MmaDecode {
   static constexpr int kUnroll = 2;  // steps whose loads a warp issues before it computes on them
 };
 
+// 9 to 16 rows (16-bit W only): x's rows are the mma's 16 rows and W's columns its two 8-column tiles, so a
+// lane's chunks of columns g and g + 8 are B fragments as loaded and W is still read once. Their x·Aᵀ comes
+// in slices of K (partial sums, added in a fixed order here); ranks up to kSlicedMaxRank.
+constexpr int kSlicedMaxRank = 64;
+
 // y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias for up to 8 rows of x (bf16 / fp16) on tensor cores. A block owns 16 columns
 // n of W and its warps split K in steps of 128 k; in a step lane (g, i) = (lane / 4, lane % 4) holds 32 k of
 // columns g and g + 8 and of x's row g, which are the fragments of eight mma.m16n8k16 when W and x take the
@@ -107,18 +112,22 @@ struct MmaDecode {
 // tensor cores as loaded. The x·Aᵀ kernel runs beside this one (programmatic dependent launch) and xa is
 // read only in the epilogue. absmax: float32 per 64-element block, or (kNF4DQ) a uint8 code per block,
 // decoded as code2[q]·absmax2[block / 256] + offset with no contraction (nf4.NF4Weight.block_absmax's bits).
-template <typename T, typename TB, WFormat F>
+// X16 (16-bit W): up to 16 rows, x as the mma's A operand (see kSlicedMaxRank); xa then holds xa_slices
+// partial sums of x·Aᵀ, which the block adds in shared memory, and block 0 writes the sum to xa_out.
+template <typename T, typename TB, WFormat F, bool X16>
 __global__ void __launch_bounds__(MmaDecode<F>::kWarps * 32, 2)
     mma_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, const void* __restrict__ absmax,
                       const float* __restrict__ code, const float* __restrict__ code2,
                       const float* __restrict__ absmax2, float offset, const float* __restrict__ xa,
                       const TB* __restrict__ lora_B, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K,
-                      int64_t N, int R, float scale) {
+                      int64_t N, int R, float scale, int xa_slices, float* __restrict__ xa_out) {
   using P = MmaDecode<F>;
-  constexpr int U = P::kUnroll, C = P::kChunks;
+  static_assert(!X16 || !P::kNF4, "the 16-row form takes 16-bit W");
+  constexpr int U = P::kUnroll, C = P::kChunks, ROWS = X16 ? 16 : 8;
   constexpr bool DQ = F == WFormat::kNF4DQ;
   __shared__ float smem[P::kNF4 ? 1024 + (DQ ? 256 : 0) : 1];  // the code tables (below)
-  __shared__ float partial[P::kWarps][16][8];  // each warp's 16 columns × 8 rows, summed at the end
+  __shared__ float partial[P::kWarps][16][ROWS];  // each warp's 16 columns × its rows, summed at the end
+  __shared__ float xa_sum[X16 ? 16 * kSlicedMaxRank : 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, i = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
   const bool col_lo = n0 + g < N, col_hi = n0 + g + 8 < N, x_row = g < M;
@@ -188,7 +197,36 @@ __global__ void __launch_bounds__(MmaDecode<F>::kWarps * 32, 2)
     __syncthreads();
     lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(codes + lane));
   }
-  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  float c[4] = {0.f, 0.f, 0.f, 0.f}, c_hi[4] = {0.f, 0.f, 0.f, 0.f};  // c_hi: X16's columns g + 8
+  if constexpr (X16) {
+    // x's rows g and g + 8, loaded per step (L2) while W's batch is in flight: a 16×16 A fragment per 16 k,
+    // multiplied into both 8-column tiles (columns g and g + 8 of W as B fragments, chunks as loaded)
+    const T* xrow_hi = xrow + 8 * K;
+    const bool x_row_hi = g + 8 < M;
+    for (int64_t s0 = warp; s0 < steps; s0 += P::kWarps * U) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t s = s0 + static_cast<int64_t>(P::kWarps) * u;
+        uint4 xl[4], xh[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const bool on = live(s0, u, j);
+          xl[j] = on && x_row ? *reinterpret_cast<const uint4*>(xrow + s * 128 + 8 * j) : zero;
+          xh[j] = on && x_row_hi ? *reinterpret_cast<const uint4*>(xrow_hi + s * 128 + 8 * j) : zero;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t a[4] = {xl[j].x, xh[j].x, xl[j].y, xh[j].y};
+          mma_16816<T>(c, a, wl[u][j].x, wl[u][j].y);
+          mma_16816<T>(c_hi, a, wh[u][j].x, wh[u][j].y);
+          a[0] = xl[j].z, a[1] = xh[j].z, a[2] = xl[j].w, a[3] = xh[j].w;
+          mma_16816<T>(c, a, wl[u][j].z, wl[u][j].w);
+          mma_16816<T>(c_hi, a, wh[u][j].z, wh[u][j].w);
+        }
+      }
+      if (s0 + P::kWarps * U < steps) load_w(s0 + P::kWarps * U);
+    }
+  } else {
   for (int64_t s0 = warp; s0 < steps; s0 += P::kWarps * U) {
     load_rest(s0);
     if constexpr (DQ) {
@@ -220,28 +258,46 @@ __global__ void __launch_bounds__(MmaDecode<F>::kWarps * 32, 2)
     }
     if (s0 + P::kWarps * U < steps) load_w(s0 + P::kWarps * U);
   }
-  // c: (column g, x row 2i), (g, 2i + 1), (g + 8, 2i), (g + 8, 2i + 1); summed over the warps, then the LoRA
-  // term s·Σ_j xa[m, j]·B[n, j] and the bias, one store per (row, column).
-  partial[warp][g][2 * i] = c[0], partial[warp][g][2 * i + 1] = c[1];
-  partial[warp][g + 8][2 * i] = c[2], partial[warp][g + 8][2 * i + 1] = c[3];
+  }
+  // c (8 rows): (column g, x row 2i), (g, 2i + 1), (g + 8, 2i), (g + 8, 2i + 1); X16: c (columns 2i, 2i + 1
+  // of rows g, g + 8) and c_hi (the same, 8 columns on). Summed over the warps, then the LoRA term
+  // s·Σ_j xa[m, j]·B[n, j] and the bias, one store per (row, column).
+  if constexpr (X16) {
+    partial[warp][2 * i][g] = c[0], partial[warp][2 * i + 1][g] = c[1];
+    partial[warp][2 * i][g + 8] = c[2], partial[warp][2 * i + 1][g + 8] = c[3];
+    partial[warp][2 * i + 8][g] = c_hi[0], partial[warp][2 * i + 9][g] = c_hi[1];
+    partial[warp][2 * i + 8][g + 8] = c_hi[2], partial[warp][2 * i + 9][g + 8] = c_hi[3];
+    pdl_wait();  // the x·Aᵀ slices: written by the kernel that may have run until now beside this one
+    for (int t = threadIdx.x; t < M * R; t += blockDim.x) {
+      float v = 0.f;
+      for (int sl = 0; sl < xa_slices; ++sl) v += xa[static_cast<int64_t>(sl) * M * R + t];
+      xa_sum[t] = v;
+      if (blockIdx.x == 0) xa_out[t] = v;
+    }
+  } else {
+    partial[warp][g][2 * i] = c[0], partial[warp][g][2 * i + 1] = c[1];
+    partial[warp][g + 8][2 * i] = c[2], partial[warp][g + 8][2 * i + 1] = c[3];
+  }
   __syncthreads();
   const int col = threadIdx.x % 16, m = threadIdx.x / 16;
   const int64_t n = n0 + col;
   if (m < M && n < N) {
-    pdl_wait();  // xa: written by the x·Aᵀ kernel, which may have run until now beside this one
+    if constexpr (!X16) pdl_wait();  // xa: written by the x·Aᵀ kernel, which may have run until now beside this one
+    const float* xam = X16 ? xa_sum + m * R : xa + m * R;
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < P::kWarps; ++w) v += partial[w][col][m];
-    for (int j = 0; j < R; ++j) v = fmaf(scale * static_cast<float>(lora_B[n * R + j]), xa[m * R + j], v);
+    for (int j = 0; j < R; ++j) v = fmaf(scale * static_cast<float>(lora_B[n * R + j]), xam[j], v);
     y[m * N + n] = static_cast<T>(bias != nullptr ? v + static_cast<float>(bias[n]) : v);
   }
 }
 
-// Launches mma_decode_kernel<F> as a programmatic dependent of the x·Aᵀ kernel just launched on the stream.
-template <typename T, typename TB, WFormat F>
+// Launches mma_decode_kernel<F, X16> as a programmatic dependent of the x·Aᵀ kernel just launched on the stream.
+template <typename T, typename TB, WFormat F, bool X16 = false>
 void launch_mma_decode(const T* x, const void* w, const void* absmax, const float* code, const float* code2,
                        const float* absmax2, float offset, const float* xa, const TB* lora_B, const T* bias, T* y,
-                       int64_t M, int64_t K, int64_t N, int R, float scale, cudaStream_t stream) {
+                       int64_t M, int64_t K, int64_t N, int R, float scale, cudaStream_t stream, int xa_slices = 1,
+                       float* xa_out = nullptr) {
   cudaLaunchAttribute pdl[1];
   pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   pdl[0].val.programmaticStreamSerializationAllowed = 1;
@@ -251,9 +307,9 @@ void launch_mma_decode(const T* x, const void* w, const void* absmax, const floa
   cfg.stream = stream;
   cfg.attrs = pdl;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mma_decode_kernel<T, TB, F>, x, static_cast<const uint8_t*>(w), absmax,
-                                    code, code2, absmax2, offset, xa, lora_B, bias, y, static_cast<int>(M), K, N, R,
-                                    scale));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mma_decode_kernel<T, TB, F, X16>, x, static_cast<const uint8_t*>(w),
+                                    absmax, code, code2, absmax2, offset, xa, lora_B, bias, y, static_cast<int>(M), K,
+                                    N, R, scale, xa_slices, xa_out));
 }
 
 }  // namespace
