@@ -1,7 +1,8 @@
 """The "cuda" backend: the compiled ops of lora_kernels._C (csrc/), called from the Python ops.
 
-What runs where: merge_/unmerge_ are CUDA kernels; the forward for M <= 8 (16-bit x; 2 for float32) is a
-CUDA decode kernel that reads W once, and a 4-bit (NF4) W has one for 1-8 rows; larger M and the backward
+What runs where: merge_/unmerge_ are CUDA kernels; the forward for M <= 8 (16-bit x; 2 for float32), and
+9-16 rows outside CUDA-graph captures, is a CUDA decode kernel that reads W once, and a 4-bit (NF4) W has one
+for 1-8 rows; larger M and the backward
 compose cuBLAS GEMMs in C++, the big GEMM accumulating into the low-rank product (no fused large-M CUDA
 kernel yet; the Triton backend has one). Dropout uses the shared (seed, row, col) mask through a CUDA
 kernel; it materialises dropout(x) for the x·Aᵀ product (transient, never saved).

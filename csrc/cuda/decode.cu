@@ -1,9 +1,10 @@
 // Forward for small batches (M <= kDecodeMaxRows): memory bound on W, so one launch streams W once and
-// serves every row of x from it, 16-bit (up to 16 rows) or NF4 W (up to 8) on tensor cores
-// (mma_decode_kernel), float32 by FMAs (decode_kernel, 2 rows); the LoRA term s·(x·Aᵀ)·Bᵀ joins the epilogue. x·Aᵀ comes from one small kernel
-// launched before it. Larger M goes to cuBLAS (composite).
+// serves every row of x from it, 16-bit (up to 16 rows; 9-16 outside CUDA-graph captures) or NF4 W (up to 8)
+// on tensor cores (mma_decode_kernel), float32 by FMAs (decode_kernel, 2 rows); the LoRA term s·(x·Aᵀ)·Bᵀ
+// joins the epilogue. x·Aᵀ comes from one small kernel launched before it. Larger M goes to cuBLAS (composite).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -165,8 +166,14 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
                    aligned16(wc.data_ptr());
   if (!mma && x.size(0) > kFmaDecodeMaxRows)
     return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
-  const bool x16 = x.size(0) > kMmaRows;  // 9 to 16 rows: the 16-row form, for ranks up to kSlicedMaxRank
-  if (x16 && (lora_A.size(0) > kSlicedMaxRank || weight.size(0) == 0))
+  // 9 to 16 rows: the 16-row form (ranks up to kSlicedMaxRank) in eager mode, where its two launches cost
+  // ~1.1× the one-row decode's wall per call and the composite's four ~1.6× (bench/profile_cases.py on H200
+  // hosts: 37 µs where the composite would take ~54). Inside a CUDA-graph capture the host
+  // cost is gone and the composite's GPU time is as low or lower (16×4096×14336: 1.34× cuBLAS against the
+  // 16-row form's 1.94, x re-read from L2 once per 16 columns), so captures keep the composite.
+  const bool x16 = x.size(0) > kMmaRows;
+  if (x16 && (lora_A.size(0) > kSlicedMaxRank || weight.size(0) == 0 ||
+              c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None))
     return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
   const at::Tensor Ac = lora_A.contiguous(), Bc = lora_B.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->to(dt).contiguous() : at::Tensor();
