@@ -32,6 +32,37 @@ def _reduce(part, xa_part, b, y, xa, split, bn, warps):
         BLOCK_N=bn, BLOCK_R=16, num_warps=warps)
 
 
+def _problem(M, KN, what):
+    """Inputs of an M×KN forward (K = N = KN, bf16, rank R), its float32 result, outputs, and cuBLAS's time."""
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(M, KN, device="cuda", dtype=dt)
+    w = (torch.randn(KN, KN, device="cuda") / KN**0.5).to(dt)
+    a = (torch.randn(R, KN, device="cuda") / KN**0.5).to(dt)
+    b = (torch.randn(KN, R, device="cuda") / R**0.5).to(dt)
+    ref = (x.float() @ w.float().t() + 2.0 * (x.float() @ a.float().t()) @ b.float().t())
+    cublas = do_bench_cudagraph(lambda: x @ w.t(), rep=50)
+    print(f"M={M} K=N={KN}: cuBLAS {cublas * 1e3:.1f} us ({what})", flush=True)
+    y = torch.empty(M, KN, device="cuda", dtype=dt)
+    xa = torch.empty(M, R, device="cuda", dtype=torch.float32)
+    return x, w, a, b, ref, y, xa, cublas
+
+
+def _checked(fwd, y, ref, label) -> str:
+    """Runs fwd once: "ok", "failed" (it raised: a tile past the shared memory) or "wrong" (y off ref)."""
+    try:
+        fwd()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - reported and skipped
+        print(f"  {label}: {type(e).__name__}", flush=True)
+        return "failed"
+    err = (y.float() - ref).abs().max().item()
+    if err > 0.1:
+        print(f"  {label}: WRONG (max err {err:.3g})")
+        return "wrong"
+    return "ok"
+
+
 def _fused(x, w, a, b, y, xa, split, bn, bk, warps, stages):
     M, K = x.shape
     N = w.shape[0]
@@ -49,32 +80,13 @@ def _fused(x, w, a, b, y, xa, split, bn, bk, warps, stages):
 
 
 def sweep_fused(M, KN, top):
-    torch.manual_seed(0)
-    K = N = KN
-    dt = torch.bfloat16
-    x = torch.randn(M, K, device="cuda", dtype=dt)
-    w = (torch.randn(N, K, device="cuda") / K**0.5).to(dt)
-    a = (torch.randn(R, K, device="cuda") / K**0.5).to(dt)
-    b = (torch.randn(N, R, device="cuda") / R**0.5).to(dt)
-    ref = (x.float() @ w.float().t() + 2.0 * (x.float() @ a.float().t()) @ b.float().t())
-    cublas = do_bench_cudagraph(lambda: x @ w.t(), rep=50)
-    print(f"M={M} K=N={KN}: cuBLAS {cublas * 1e3:.1f} us (one-launch form)", flush=True)
-    y = torch.empty(M, N, device="cuda", dtype=dt)
-    xa = torch.empty(M, R, device="cuda", dtype=torch.float32)
+    x, w, a, b, ref, y, xa, cublas = _problem(M, KN, "one-launch form")
     rows = []
     for bn, bk, warps, stages, split in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4),
                                                           (2, 3, 4, 6, 8)):
         def fwd():
             _fused(x, w, a, b, y, xa, split, bn, bk, warps, stages)
-        try:
-            fwd()
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - a tile past the shared memory is reported and skipped
-            print(f"  bn={bn} bk={bk} w={warps} st={stages} split={split}: {type(e).__name__}", flush=True)
-            continue
-        err = (y.float() - ref).abs().max().item()
-        if err > 0.1:
-            print(f"  bn={bn} bk={bk} w={warps} st={stages} split={split}: WRONG (max err {err:.3g})")
+        if _checked(fwd, y, ref, f"bn={bn} bk={bk} w={warps} st={stages} split={split}") != "ok":
             continue
         rows.append((do_bench_cudagraph(fwd, rep=30), bn, bk, warps, stages, split))
     rows.sort()
@@ -85,18 +97,8 @@ def sweep_fused(M, KN, top):
 
 
 def sweep(M, KN, top):
-    torch.manual_seed(0)
+    x, w, a, b, ref, y, xa, cublas = _problem(M, KN, "two launches")
     K = N = KN
-    dt = torch.bfloat16
-    x = torch.randn(M, K, device="cuda", dtype=dt)
-    w = (torch.randn(N, K, device="cuda") / K**0.5).to(dt)
-    a = (torch.randn(R, K, device="cuda") / K**0.5).to(dt)
-    b = (torch.randn(N, R, device="cuda") / R**0.5).to(dt)
-    ref = (x.float() @ w.float().t() + 2.0 * (x.float() @ a.float().t()) @ b.float().t())
-    cublas = do_bench_cudagraph(lambda: x @ w.t(), rep=50)
-    print(f"M={M} K=N={KN}: cuBLAS {cublas * 1e3:.1f} us", flush=True)
-    y = torch.empty(M, N, device="cuda", dtype=dt)
-    xa = torch.empty(M, R, device="cuda", dtype=torch.float32)
     rows = []
     for bn, bk, warps, stages in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 5)):
         if (warps == 8) != (bn == 128) or (bk == 256 and stages == 5):
@@ -112,15 +114,10 @@ def sweep(M, KN, top):
             def fwd(rbn=64, rwarps=4):
                 _partials(x, w, a, part, xa_part, k_per_split, split, bn, bk, warps, stages)
                 _reduce(part, xa_part, b, y, xa, split, rbn, rwarps)
-            try:
-                fwd()
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - a tile past the shared memory is reported and skipped
-                print(f"  bn={bn} bk={bk} w={warps} st={stages} split={split}: {type(e).__name__}", flush=True)
-                break
-            err = (y.float() - ref).abs().max().item()
-            if err > 0.1:
-                print(f"  bn={bn} bk={bk} w={warps} st={stages} split={split}: WRONG (max err {err:.3g})")
+            status = _checked(fwd, y, ref, f"bn={bn} bk={bk} w={warps} st={stages} split={split}")
+            if status == "failed":
+                break  # the tile does not fit: no split of it will
+            if status == "wrong":
                 continue
             t_pair = do_bench_cudagraph(fwd, rep=30)
             t_part = do_bench_cudagraph(lambda: _partials(x, w, a, part, xa_part, k_per_split, split, bn, bk,
