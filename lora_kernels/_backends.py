@@ -119,10 +119,12 @@ def _choose(backend: str, device_type: str, device: str, is_f64: bool, prefer: t
             why = reason if name == prefer[0] else f"{prefer[0]} unavailable"
             slower = name != prefer[0] and what == "fused linear"
             if slower:
-                # Measured on an H200 (bench/results/nvidia-h200-20261129-d51e6fb-e2e*.md): a patched 1.1B
-                # Llama's eager training step took 251 ms on Triton against 99 ms with the extension.
-                why += ("; the Triton path is measured 2.5x slower per training step than the CUDA extension: "
-                        "install where nvcc and a CUDA build of torch are found to build it")
+                # Measured on an H200, a patched 1.1B Llama's eager training step against peft's: 0.92x
+                # without the extension (bench/results/nvidia-h200x2-20261130-8ce7e1e-e2e-noext.md), 1.35-1.47x
+                # with it (nvidia-h200x2-20261130-5a443ba-e2e.md, nvidia-h200x2-20261130-8ce7e1e-e2e-*.md).
+                why += ("; without the CUDA extension a training step is measured ~1.5x slower (0.92x peft's "
+                        "eager step against 1.35-1.47x with it): install where nvcc and a CUDA build of torch "
+                        "are found to build it")
             _once((name, what, device, why), f"lora_kernels: {what} on {device} -> {name} backend ({why})",
                   warn=slower)
             return name
