@@ -7,7 +7,8 @@
 #
 # Output of each run in $OUT/ab-<label>.txt (label: "main" or the patch's file name); the command runs in
 # the tree's root with PYTHONPATH set to it, so `import lora_kernels` takes that tree's code (built
-# extensions included: the copies keep this tree's lora_kernels/*.so). ROUNDS=2 alternates the trees twice.
+# extensions included: the copies keep this tree's lora_kernels/*.so, except where a patch changes csrc/, see
+# below). ROUNDS=2 alternates the trees twice.
 set -uo pipefail
 OUT=${OUT:-.gpu_out}; mkdir -p "$OUT"
 cmd=$1; shift
@@ -23,6 +24,17 @@ for patch in "$@"; do
   if ! (cd "$copy" && patch -p1 -s < "$root/$patch"); then
     echo "ab_run: $patch does not apply; skipped" | tee -a "$OUT/ab-$label.txt"
     continue
+  fi
+  # A patch that changes csrc/ needs its own extension: ab/<label>.so where one was built beforehand for this
+  # machine's Python, else a build in the copy (minutes).
+  if grep -q '^diff --git a/csrc/' "$root/$patch"; then
+    so=lora_kernels/_C$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    if [[ -f "$root/ab/$label.so" ]]; then
+      cp "$root/ab/$label.so" "$copy/$so"
+    else
+      (cd "$copy" && LORA_KERNELS_ARCHS="${LORA_KERNELS_ARCHS:-90a}" python3 setup.py build_ext --inplace \
+        > "$OUT/ab-$label-build.log" 2>&1) || echo "ab_run: $label: extension build failed" | tee -a "$OUT/ab-$label.txt"
+    fi
   fi
   trees+=("$label:$copy")
 done
