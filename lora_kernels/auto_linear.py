@@ -70,9 +70,15 @@ def _lowrank_then_base(x2d, weight, xa, b, bias, scaling):
     extension orders them: one pass over y fewer than adding the low-rank term after the GEMM."""
     if bias is not None:
         y = torch.addmm(bias.to(x2d.dtype), xa, b.t(), alpha=scaling)
-    else:  # beta = 0: the uninitialised input is ignored
-        y = torch.addmm(xa.new_empty((xa.shape[0], b.shape[0])), xa, b.t(), beta=0, alpha=scaling)
+    else:
+        y = _scaled_mm(xa, b.t(), scaling)
     return y.addmm_(x2d, weight.t())
+
+
+def _scaled_mm(m1, m2, s):
+    """s·m1·m2 by one GEMM, s in its alpha (one launch and one rounding, not a product and then a scaling);
+    beta = 0, so the uninitialised input is ignored."""
+    return torch.addmm(m1.new_empty((m1.shape[0], m2.shape[1])), m1, m2, beta=0, alpha=s)
 
 
 class _MaskedComposite(torch.autograd.Function):
@@ -98,7 +104,7 @@ class _MaskedComposite(torch.autograd.Function):
         x2d, weight, a, b, xa, seed = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         dy = dy.contiguous()
-        g = (dy @ b).mul_(s)                                                  # s·dy·B (M×r)
+        g = _scaled_mm(dy, b, s)                                              # s·dy·B (M×r)
         dx = dB = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight
@@ -107,7 +113,7 @@ class _MaskedComposite(torch.autograd.Function):
             # one pass over x: dA = gᵀ·dropout(x), and dx += mask ⊙ (s·dy·B·A) / (1-p)
             dA = dropout.lowrank_backward(x2d, g, a, dx, p, seed).to(ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[3]:
-            dB = (dy.t() @ xa).mul_(s).to(ctx.adapter_dtypes[1])
+            dB = _scaled_mm(dy.t(), xa, s).to(ctx.adapter_dtypes[1])
         if ctx.needs_input_grad[4]:
             dbias = dy.sum(0).to(ctx.bias_dtype)
         return dx, None, dA if ctx.needs_input_grad[2] else None, dB, dbias, None, None, None
