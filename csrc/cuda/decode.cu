@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, cons
   if (!mma && x.size(0) > kFmaDecodeMaxRows)
     return linear_forward_composite(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
   // 9 to 16 rows: the 16-row form (ranks up to kSlicedMaxRank) in eager mode, where its two launches cost
-  // ~1.1× the one-row decode's wall per call and the composite's four ~1.6× (bench/profile_cases.py on H200
+  // ~1.1× the one-row decode's wall per call and the composite's three GEMMs ~1.6× (bench/profile_cases.py, H200
   // hosts: 37 µs where the composite would take ~54). Inside a CUDA-graph capture the host
   // cost is gone and the composite's GPU time is as low or lower (16×4096×14336: 1.34× cuBLAS against the
   // 16-row form's 1.94, x re-read from L2 once per 16 columns), so captures keep the composite.
