@@ -20,6 +20,8 @@ the Triton split-K path ran in 12 µs of GPU time against the extension's 18 µs
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _backends
@@ -60,9 +62,57 @@ def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
         return y.reshape(*x.shape[:-1], weight.shape[0])
     dt = x.dtype
     x2d = x.reshape(-1, x.shape[-1])
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (x, lora_A, lora_B, bias))
+    if not differentiable and merged_weight_pays(x2d.shape[0], weight.shape[0], weight.numel(), x2d.numel(), 2):
+        # y = x·(W + s·B·A)ᵀ: one GEMM on a merged copy of W, as the extension's composite (csrc/ops.h)
+        w = torch.addmm(weight, lora_B.to(dt), lora_A.to(dt), alpha=scaling)
+        y = torch.addmm(bias.to(dt), x2d, w.t()) if bias is not None else x2d @ w.t()
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     xa = x2d @ lora_A.to(dt).t()
     y = _lowrank_then_base(x2d, weight, xa, lora_B.to(dt), bias, scaling)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+MERGED = "merged weight"
+MERGED_ENV = "LORA_KERNELS_MERGED_WEIGHT"
+
+
+def merged_serves(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
+    """Whether `auto` runs this call as y = x·(W + s·B·A)ᵀ (+ bias) (merged_linear): nothing to differentiate,
+    no dropout, 16-bit x and W on a GPU with Triton, and fewer bytes moved than the low-rank passes
+    (merged_weight_pays: forward only, so x's pass for x·Aᵀ counts too)."""
+    if dropout_p > 0.0 or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or os.environ.get(ENV):
+        return False  # (a backend forced through LORA_KERNELS_AUTO is run as forced)
+    if weight.dtype != x.dtype or weight.stride(-1) != 1 or not _backends.triton_available():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)):
+        return False
+    K, N = x.shape[-1], weight.shape[0]
+    M = x.numel() // max(K, 1)
+    return merged_weight_pays(M, N, N * K, M * K)
+
+
+def merged_linear(x, weight, lora_A, lora_B, bias, scaling: float):
+    """y = x·(W + s·B·A)ᵀ (+ bias): the merge kernel writes W + s·B·A to a new tensor (one read and one write
+    of W, rounded once as merge_ rounds it), then one cuBLAS GEMM. The low-rank passes it replaces read x for
+    x·Aᵀ and write an M×N product: at 8192×4096² that is 128 MB against the merge's 64."""
+    from .triton import merge
+    x2d = x.reshape(-1, x.shape[-1])
+    w = merge.merged_copy(weight, lora_A, lora_B, scaling)
+    y = torch.addmm(bias.to(x.dtype), x2d, w.t()) if bias is not None else x2d @ w.t()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def merged_weight_pays(rows: int, out_cols: int, w_elems: int, extra: int, w_passes: int = 1) -> bool:
+    """Whether the low-rank term costs fewer bytes through a merged copy of W (each pass reads and writes W:
+    2·w_elems) than through the composite's passes (the low-rank product written, rows·out_cols, which the
+    big GEMM's epilogue reads back mostly hidden under its math, plus `extra`); LORA_KERNELS_MERGED_WEIGHT=1 /
+    0 forces it, as in csrc/ops.h. torch.addmm(W, B, A) makes two passes (W copied into its output first)."""
+    force = os.environ.get(MERGED_ENV, "")[:1]
+    if force in ("0", "1"):
+        return force == "1"
+    return 2 * w_passes * w_elems < rows * out_cols + extra
 
 
 def _lowrank_then_base(x2d, weight, xa, b, bias, scaling):

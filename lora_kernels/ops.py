@@ -258,12 +258,15 @@ def _call_key(x, weight, lora_A, lora_B, bias, dropout_p, backend, allow_tf32):
     gradient, whether autograd records, the options, the variable that forces auto's pick and whether a CUDA
     graph is being captured (auto's pick for graphs is by GPU time)."""
     return (_meta(x), _meta(weight), _meta(lora_A), _meta(lora_B), _meta(bias), dropout_p, backend, allow_tf32,
-            torch.is_grad_enabled(), os.environ.get(auto_linear.ENV),
+            torch.is_grad_enabled(), os.environ.get(auto_linear.ENV), os.environ.get(auto_linear.MERGED_ENV),
             x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _resolve_call(x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, backend):
     """(backend name, whether later calls with the same metadata may reuse it)."""
+    if backend == "auto" and s_t is None and _eager(x, weight, lora_A, lora_B, bias) and \
+            auto_linear.merged_serves(x, weight, lora_A, lora_B, bias, dropout_p):
+        return auto_linear.MERGED, True
     name = _backends.resolve_linear(backend, x, tensor_scaling=s_t is not None)
     # _eager first: under torch.compile nothing of the timing path may be traced (it would break the graph)
     if _eager(x, weight, lora_A, lora_B, bias) and auto_linear.applies(backend, name, x, s_t):
@@ -299,6 +302,8 @@ def _run(name, x, weight, lora_A, lora_B, bias, s, s_t, dropout_p, allow_tf32, e
     """eager: whether _eager(x, weight, lora_A, lora_B, bias) holds, where the caller knows (~1 µs of host)."""
     if name == auto_linear.ADDMM:  # auto's measured pick (float scaling, eager)
         return auto_linear.addmm_linear(x, weight, lora_A, lora_B, bias, s, dropout_p)
+    if name == auto_linear.MERGED:  # auto, forward only, no dropout (float scaling, eager)
+        return auto_linear.merged_linear(x, weight, lora_A, lora_B, bias, s)
     if name == "cuda" and s_t is None:
         if eager if eager is not None else _eager(x, weight, lora_A, lora_B, bias):
             # Forward and backward in C++: one dispatcher call, no Python in backward; same kernels, same seed.

@@ -323,3 +323,32 @@ def test_composite_takes_strided_inputs(device, p):
     exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(outs[0][0], outs[1][0], **exact)
     torch.testing.assert_close(outs[0][1], outs[1][1], **exact)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_composite_forward_through_a_merged_weight_meets_the_oracle_rule(monkeypatch, dt, with_bias):
+    """With nothing to differentiate and no dropout the composite may run y = x·(W + s·B·A)ᵀ, one GEMM on a
+    merged copy of W (auto_linear.merged_weight_pays): forced on, off and by its rule (96 rows of 40: it takes
+    the merged path, the same bits as forcing it), each within twice the unfused arithmetic's error."""
+    from lora_kernels import reference
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 40, generator=g).to(dt)
+    w = (torch.randn(24, 40, generator=g) / 6).to(dt)
+    a, b = torch.randn(8, 40, generator=g) / 6, torch.randn(24, 8, generator=g) / 2
+    bias = torch.randn(24, generator=g).to(dt) if with_bias else None
+    exact = reference.lora_linear(x.double(), w.double(), a.double(), b.double(), 0.75,
+                                  bias.double() if with_bias else None)
+    plain = reference.lora_linear(x, w, a.to(dt), b.to(dt), 0.75, bias)
+    assert auto_linear.merged_weight_pays(96, 24, 24 * 40, 96 * 40, 2)
+    ys = {}
+    for force in ("1", "0", None):
+        if force is None:
+            monkeypatch.delenv("LORA_KERNELS_MERGED_WEIGHT", raising=False)
+        else:
+            monkeypatch.setenv("LORA_KERNELS_MERGED_WEIGHT", force)
+        with torch.no_grad():
+            ys[force] = auto_linear.addmm_linear(x, w, a, b, bias, 0.75)
+        err = (ys[force].double() - exact).abs().max().item()
+        assert ys[force].dtype == dt and err <= 2 * (plain.double() - exact).abs().max().item() + 1e-6, (force, err)
+    assert torch.equal(ys[None], ys["1"])

@@ -183,3 +183,34 @@ def test_cuda_9_to_16_rows_eager_and_captured(M):
     scale = ref.abs().max().item()
     for y in (eager, captured):
         assert (y.double() - ref).abs().max().item() <= 2e-2 * scale
+
+
+@pytest.mark.skipif(not lk.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_auto_forward_through_a_merged_weight_meets_the_oracle_rule(monkeypatch, dtype, bias):
+    """`auto` with nothing to differentiate and no dropout, where the bytes say so, runs y = x·(W + s·B·A)ᵀ
+    (auto_linear.merged_linear): the oracle rule on y; a call that needs gradients, one with dropout, one with
+    the path turned off (LORA_KERNELS_MERGED_WEIGHT=0) and one with a backend forced through
+    LORA_KERNELS_AUTO take the usual paths."""
+    from helpers import count_calls
+    from lora_kernels import auto_linear, reference
+    x, w, a, b, bb = make_inputs(3000, 264, 136, 8, dtype, device="cuda", bias=bias,
+                                 adapter_dtype=torch.float32)
+    calls = count_calls(monkeypatch, auto_linear, "merged_linear")
+    exact = reference.lora_linear(x.double(), w.double(), a.double(), b.double(), 0.75,
+                                  bb.double() if bias else None)
+    plain = reference.lora_linear(x, w, a.to(dtype), b.to(dtype), 0.75, bb)
+    with torch.no_grad():
+        y = lk.lora_linear(x, w, a, b, 0.75, bb)
+    assert len(calls) == 1
+    assert (y.double() - exact).norm() <= 2 * (plain.double() - exact).norm() + 1e-6 * exact.norm()
+    lk.lora_linear(x, w, a.requires_grad_(), b, 0.75, bb)
+    with torch.no_grad():
+        lk.lora_linear(x, w, a, b, 0.75, bb, dropout_p=0.1)
+        monkeypatch.setenv("LORA_KERNELS_MERGED_WEIGHT", "0")
+        lk.lora_linear(x, w, a, b, 0.75, bb)
+        monkeypatch.delenv("LORA_KERNELS_MERGED_WEIGHT")
+        monkeypatch.setenv("LORA_KERNELS_AUTO", "cuda" if lk.cuda_ext_available() else "triton")
+        lk.lora_linear(x, w, a, b, 0.75, bb)
+    assert len(calls) == 1

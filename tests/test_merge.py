@@ -121,3 +121,16 @@ def test_grids_fill_whole_waves_of_resident_programs():
         assert mg._row_programs(4, 64, 1, like, variant) == waves.per_unit(4, 16, like, variant)
     finally:
         del waves._resident[variant]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16])
+def test_merged_copy_gives_merge_bits_and_leaves_w_alone(device, dt):
+    """The merge kernel writing to a new tensor (auto's merged-weight forward): the bits merge_ leaves in W,
+    with W itself unchanged."""
+    from lora_kernels.triton import merge
+    w, a, b = (t.to(device) for t in _adapters(40, 70, 5, dt))
+    before = w.clone()
+    out = merge.merged_copy(w, a, b, 0.6)
+    want = lk.merge_(w.clone(), a, b, 0.6, backend="triton")
+    assert torch.equal(w, before) and torch.equal(out.view(torch.uint8), want.view(torch.uint8))

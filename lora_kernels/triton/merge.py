@@ -1,4 +1,5 @@
 """Triton merge / unmerge: W ← round(W ± s·B·A), one read and one write of W, s·B·A in float32 registers.
+The same kernel writes round(W + s·B·A) to a new tensor instead (merged_copy) for auto's merged-weight forward.
 
 One kernel body serves one layer and a group of same-shape layers (grid axis 2 = layer): a group passes the
 first layer's tensors plus each layer's distance from them in 16-byte units, so the compiler still knows
@@ -15,7 +16,7 @@ from . import configs, waves
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr,
+    w_ptr, o_ptr, a_ptr, b_ptr, w_offs_ptr, a_offs_ptr, b_offs_ptr, scales_ptr,
     N, K, R, stride_wn, stride_an, stride_bn, scale,
     UNMERGE: tl.constexpr, INT_TY: tl.constexpr, GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     W_VEC: tl.constexpr, A_VEC: tl.constexpr, B_VEC: tl.constexpr,
@@ -29,6 +30,7 @@ def _merge_kernel(
     if GROUPED:
         layer = tl.program_id(2)
         w_ptr += tl.load(w_offs_ptr + layer) * W_VEC
+        o_ptr += tl.load(w_offs_ptr + layer) * W_VEC  # a group merges in place: o_ptr is w_ptr
         a_ptr += tl.load(a_offs_ptr + layer) * A_VEC
         b_ptr += tl.load(b_offs_ptr + layer) * B_VEC
         scale = tl.load(scales_ptr + layer)
@@ -41,13 +43,14 @@ def _merge_kernel(
         a_hi, a_mid, a_lo = a, a, a
     for nt in tl.range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1), num_stages=STAGES):
         rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+        row_offs = rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+        w_ptrs = w_ptr + row_offs
         ok = (rn[:, None] < N) & (rk[None, :] < K)
         w = tl.load(w_ptrs, mask=ok, other=0.0)
         b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :],
                     mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
         delta = _delta(b, a_hi, a_mid, a_lo, PRECISION, HALF_TY) * scale
-        tl.store(w_ptrs, _merged_tile(w, delta, UNMERGE, INT_TY), mask=ok)
+        tl.store(o_ptr + row_offs, _merged_tile(w, delta, UNMERGE, INT_TY), mask=ok)
 
 
 @triton.jit
@@ -181,11 +184,11 @@ def _plan(weight, A, B, unmerge, layers=0):
     return plan
 
 
-def _launch(plan, w, A, B, offsets, scales, scaling, unmerge, vec):
+def _launch(plan, w, A, B, offsets, scales, scaling, unmerge, vec, out=None):
     grid, tiles, variant = plan
     N, K = w.shape
     kernel = _merge_kernel[grid](
-        w, A, B, *offsets, scales, N, K, A.shape[0], w.stride(0), A.stride(0), B.stride(0), scaling,
+        w, w if out is None else out, A, B, *offsets, scales, N, K, A.shape[0], w.stride(0), A.stride(0), B.stride(0), scaling,
         UNMERGE=unmerge, INT_TY=_INT[w.dtype], GROUPED=len(grid) == 3, PRECISION=_precision(w, A, B),
         W_VEC=vec[0], A_VEC=vec[1], B_VEC=vec[2], BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=tiles.block_r, STAGES=tiles.stages, HALF_TY=_half_ty(), num_warps=tiles.warps)
@@ -196,6 +199,15 @@ def merge_(weight, lora_A, lora_B, scaling, unmerge):
     A = lora_A.contiguous()
     B = lora_B.contiguous()
     _launch(_plan(weight, A, B, unmerge), weight, A, B, (weight,) * 3, weight, float(scaling), unmerge, (1, 1, 1))
+
+
+def merged_copy(weight, lora_A, lora_B, scaling):
+    """round(W + s·B·A) in a new tensor of W's shape and strides: merge_'s kernel and bits, W left as it is."""
+    A = lora_A.contiguous()
+    B = lora_B.contiguous()
+    out = torch.empty_like(weight)
+    _launch(_plan(weight, A, B, False), weight, A, B, (weight,) * 3, weight, float(scaling), False, (1, 1, 1), out)
+    return out
 
 
 def _offsets_16b(*lists):
