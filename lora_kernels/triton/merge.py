@@ -188,7 +188,8 @@ def _launch(plan, w, A, B, offsets, scales, scaling, unmerge, vec, out=None):
     grid, tiles, variant = plan
     N, K = w.shape
     kernel = _merge_kernel[grid](
-        w, w if out is None else out, A, B, *offsets, scales, N, K, A.shape[0], w.stride(0), A.stride(0), B.stride(0), scaling,
+        w, w if out is None else out, A, B, *offsets, scales, N, K, A.shape[0], w.stride(0), A.stride(0),
+        B.stride(0), scaling,
         UNMERGE=unmerge, INT_TY=_INT[w.dtype], GROUPED=len(grid) == 3, PRECISION=_precision(w, A, B),
         W_VEC=vec[0], A_VEC=vec[1], B_VEC=vec[2], BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=tiles.block_r, STAGES=tiles.stages, HALF_TY=_half_ty(), num_warps=tiles.warps)
