@@ -76,6 +76,10 @@ def addmm_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: flo
 
 MERGED = "merged weight"
 MERGED_ENV = "LORA_KERNELS_MERGED_WEIGHT"
+# Below ~200 µs of GEMM the merged form's extra host time (a Python-side Triton launch) outweighs the bytes it
+# saves: in a TinyLlama-shaped eval pass (4096 tokens, every layer ≤ 4.7e10) it made the model forward 60.3 ms
+# against 51.2 without it (bench/results/infer-forward-h200-20261130-c3cfe29.txt).
+MERGED_MIN_MNK = 1 << 36
 
 
 def merged_serves(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
@@ -90,6 +94,8 @@ def merged_serves(x, weight, lora_A, lora_B, bias, dropout_p: float) -> bool:
         return False
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // max(K, 1)
+    if M * N * K < MERGED_MIN_MNK and not os.environ.get(MERGED_ENV):
+        return False
     return merged_weight_pays(M, N, N * K, M * K)
 
 

@@ -189,15 +189,19 @@ def test_cuda_9_to_16_rows_eager_and_captured(M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_auto_forward_through_a_merged_weight_meets_the_oracle_rule(monkeypatch, dtype, bias):
-    """`auto` with nothing to differentiate and no dropout, where the bytes say so, runs y = x·(W + s·B·A)ᵀ
-    (auto_linear.merged_linear): the oracle rule on y; a call that needs gradients, one with dropout, one with
-    the path turned off (LORA_KERNELS_MERGED_WEIGHT=0) and one with a backend forced through
-    LORA_KERNELS_AUTO take the usual paths."""
+    """`auto` with nothing to differentiate and no dropout, where the bytes say so and the GEMM is large enough,
+    runs y = x·(W + s·B·A)ᵀ (auto_linear.merged_linear): the oracle rule on y; a problem under the size floor,
+    a call that needs gradients, one with dropout, one with the path turned off (LORA_KERNELS_MERGED_WEIGHT=0)
+    and one with a backend forced through LORA_KERNELS_AUTO take the usual paths."""
     from helpers import count_calls
     from lora_kernels import auto_linear, reference
     x, w, a, b, bb = make_inputs(3000, 264, 136, 8, dtype, device="cuda", bias=bias,
                                  adapter_dtype=torch.float32)
     calls = count_calls(monkeypatch, auto_linear, "merged_linear")
+    with torch.no_grad():  # below the size floor (MERGED_MIN_MNK: host time would outweigh the bytes saved)
+        lk.lora_linear(x[:-1], w, a, b, 0.75, bb)  # (a shape of its own: the resolved-call cache keys on it)
+    assert not calls
+    monkeypatch.setattr(auto_linear, "MERGED_MIN_MNK", 0)  # a small problem stands in for a large one
     exact = reference.lora_linear(x.double(), w.double(), a.double(), b.double(), 0.75,
                                   bb.double() if bias else None)
     plain = reference.lora_linear(x, w, a.to(dtype), b.to(dtype), 0.75, bb)
