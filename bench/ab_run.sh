@@ -8,12 +8,13 @@
 # Output of each run in $OUT/ab-<label>.txt (label: "main" or the patch's file name); the command runs in
 # the tree's root with PYTHONPATH set to it, so `import lora_kernels` takes that tree's code (built
 # extensions included: the copies keep this tree's lora_kernels/*.so, except where a patch changes csrc/, see
-# below). ROUNDS=2 alternates the trees twice.
+# below). ROUNDS=2 alternates the trees twice. BASE_LABEL names this tree in the output (default "main"; when
+# the checkout is a branch and the patch leads back to main, say BASE_LABEL=branch).
 set -uo pipefail
 OUT=${OUT:-.gpu_out}; mkdir -p "$OUT"
 cmd=$1; shift
 root=$(pwd)
-trees=("main:$root")
+trees=("${BASE_LABEL:-main}:$root")
 for patch in "$@"; do
   label=$(basename "$patch" .patch)
   copy=/tmp/ab-$label
