@@ -2,7 +2,9 @@
 
 Layers of one shape (and dtypes) are merged by one kernel launch (ops.merge_group_op), so a 7B model's 224
 adapted linears take a handful of launches instead of 224. Each layer's bits are exactly what merge_ /
-unmerge_ give it alone: re-merge after unmerge is bit-equal, drift never grows.
+unmerge_ give it alone: re-merge after unmerge is bit-equal, drift never grows. A weight shared by several
+adapted layers (tied) gets their adapters in turn; its unmerge is settled so that re-merging them all is
+bit-equal too (_settle_shared_unmerge).
 
 Served: FusedLoRALinear, and peft LoRA `Linear` layers over an nn.Linear with one active adapter (patched or
 not). Other peft layers (DoRA, lora_bias, fan_in_fan_out, 4-bit bases, several adapters) go through peft's own
@@ -123,6 +125,55 @@ def group_layers(layers: List[_Layer]) -> List[List[_Layer]]:
     return groups
 
 
+def _merge_group(group: List[_Layer], unmerge: bool, backend: str):
+    ops.merge_group([g.weight for g in group], [g.lora_A for g in group], [g.lora_B for g in group],
+                    [g.scaling for g in group], unmerge, _backends.resolve_merge(backend, group[0].weight))
+
+
+def _shared_weights(groups: List[List[_Layer]]):
+    """Weights that carry several adapters (tied weights): their layers in merge order, by weight."""
+    by_weight = defaultdict(list)
+    for group in groups:
+        for layer in group:
+            w = layer.weight
+            by_weight[(w.data_ptr(), w.device, w.shape, w.stride())].append(layer)
+    return {key: layers for key, layers in by_weight.items() if len(layers) > 1}
+
+
+_BITS = {2: torch.int16, 4: torch.int32}  # a float's bits as the signed integer of its width
+
+
+def _ulp_neighbours(w: torch.Tensor):
+    """The next representable values above and below each element of w (through its bits)."""
+    bits = w.view(_BITS[w.element_size()])
+    one = torch.ones((), dtype=bits.dtype, device=w.device)
+    minus_zero = torch.iinfo(bits.dtype).min
+    negative = bits < 0
+    up = torch.where(bits == minus_zero, one, torch.where(negative, bits - one, bits + one))
+    down = torch.where(bits == 0, minus_zero + one, torch.where(negative, bits + one, bits - one))
+    return up.view(w.dtype), down.view(w.dtype)
+
+
+def _settle_shared_unmerge(layers: List[_Layer], merged: torch.Tensor, backend: str):
+    """Unmerging a weight's adapters one at a time can land a unit away from any value whose re-merge through all
+    of them gives the merged bits back: each single unmerge finds a preimage of its own merge, but the last
+    one's need not lie in the image of the earlier adapters' merges (where W and the first adapter nearly
+    cancel, say). So each element takes, of the unmerged value and its two neighbours, the first whose re-merge
+    through every adapter in order is bit-equal to the merged weight (if none is, the unmerged value stays)."""
+    w = layers[0].weight
+    unmerged = w.detach().clone()
+    settled, found = unmerged.clone(), torch.zeros_like(unmerged, dtype=torch.bool)
+    ints = _BITS[w.element_size()]
+    for cand in (unmerged, *_ulp_neighbours(unmerged)):
+        again = cand.clone()
+        for layer in layers:
+            _merge_group([layer._replace(weight=again)], False, backend)
+        take = (again.view(ints) == merged.view(ints)) & ~found
+        settled = torch.where(take, cand, settled)
+        found |= take
+    w.copy_(settled)
+
+
 @torch.no_grad()
 def _run(model: nn.Module, unmerge: bool, backend: str) -> nn.Module:
     ours, theirs, why, skipped = _collect(model, unmerge)
@@ -132,13 +183,15 @@ def _run(model: nn.Module, unmerge: bool, backend: str) -> nn.Module:
         except (TypeError, ValueError) as e:
             raise type(e)(f"{layer.name}: {e}") from None
     groups = group_layers(ours)
+    shared = _shared_weights(groups) if unmerge else {}
+    merged_bits = {key: layers[0].weight.clone() for key, layers in shared.items()}
     # A weight shared by several layers gets their adapters in group order; unmerge takes them off in reverse.
     for group in reversed(groups) if unmerge else groups:
-        w0 = group[0].weight
-        ops.merge_group([g.weight for g in group], [g.lora_A for g in group], [g.lora_B for g in group],
-                        [g.scaling for g in group], unmerge, _backends.resolve_merge(backend, w0))
+        _merge_group(group, unmerge, backend)
         for g in group:
             g.done()
+    for key, layers in shared.items():
+        _settle_shared_unmerge(layers, merged_bits[key], backend)
     for m in theirs:
         m.unmerge() if unmerge else m.merge()
     op = "unmerge" if unmerge else "merge"

@@ -52,13 +52,40 @@ def test_grouped_merge_is_bit_equal_to_single_layer_merges(backend, dtype):
         err = (m.weight.double() - w0.double()).abs()
         assert (err <= 2 * torch.finfo(dtype).eps * size[id(m.weight)] + 1e-30).all()
     lk.merge_model(layers, backend=backend)  # and re-merge is bit-equal, so drift never grows
-    for i, (m, w) in enumerate(zip(layers, merged)):
-        if i in (0, len(layers) - 1):
-            # A weight carrying two adapters: unmerging the second leaves a preimage that the first adapter's
-            # rounding may not reach exactly, so only closeness holds there.
-            assert torch.allclose(m.weight, w, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
-        else:
-            assert torch.equal(m.weight.view(torch.uint8), w.view(torch.uint8))
+    for m, w in zip(layers, merged):  # the tied weight too, which carries two adapters
+        assert torch.equal(m.weight.view(torch.uint8), w.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_weight_with_two_adapters_that_nearly_cancel_it_re_merges_bit_equal(backend, dtype):
+    """W ≈ -s·B₁·A₁ everywhere: the first merge lands near zero on a fine grid, the second adapter lifts it back
+    to a coarse one, and one-at-a-time unmerges land a unit off any value that re-merges to the same bits."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter mishandles bfloat16; bf16 runs on the GPU")
+    first = lk.FusedLoRALinear(64, 48, r=4, lora_alpha=8, dtype=dtype, device=device)
+    second = lk.FusedLoRALinear(64, 48, r=4, lora_alpha=8, dtype=dtype, device=device)
+    second.weight = first.weight
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in (first, second):
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+        d1 = first.scaling * first.lora_B.double().cpu() @ first.lora_A.double().cpu()
+        near = -d1 * (1 + 1e-3 * torch.randn(d1.shape, generator=g, dtype=torch.float64))
+        first.weight.copy_(near.to(dtype))
+    layers = nn.ModuleList([first, second])
+    original = first.weight.detach().clone()
+    lk.merge_model(layers, backend=backend)
+    merged = first.weight.detach().clone()
+    lk.unmerge_model(layers, backend=backend)
+    d2 = second.scaling * second.lora_B.double() @ second.lora_A.double()
+    size = original.double().abs() + d1.to(device).abs() + d2.abs()
+    err = (first.weight.double() - original.double()).abs()
+    assert (err <= 2 * torch.finfo(dtype).eps * size + 1e-30).all()
+    lk.merge_model(layers, backend=backend)
+    assert torch.equal(first.weight.view(torch.uint8), merged.view(torch.uint8))
 
 
 def test_groups_are_few_and_never_hold_overlapping_weights():
