@@ -105,6 +105,43 @@ at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double s, at::S
   return at::addmm(at::empty({m1.size(0), m2.size(1)}, m1.options()), m1, m2, 0.0, s).to(out_dtype);
 }
 
+// For torch.compile's graph (the Python autograd rule in _cuda_backend): the forward's pieces as the C++
+// autograd path keeps them, so the compiled backward neither casts the adapters again nor converts x·Aᵀ back
+// and forth (four launches per layer). (y, xa, A, B): xa in x's dtype; A and B are the adapters cast to x's
+// dtype where theirs differs (fresh tensors), else 0-element tensors (an op's outputs may not alias its
+// inputs): the rule then saves the adapters themselves.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward_saved(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const c10::optional<at::Tensor>& bias, double scaling, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  const auto dt = x.scalar_type();
+  auto none = [&] { return at::empty({0}, x.options()); };  // a fresh one per output: outputs may not alias
+  if (x.is_cuda() && x.dim() == 2 && x.size(0) <= kDecodeMaxRows) {  // the decode kernels, as linear_forward
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lora_kernels::linear_forward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const c10::optional<at::Tensor>&, double, double, const c10::optional<at::Tensor>&)>();
+    auto [y, xa] = op.call(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
+    return {y, xa.to(dt), none(), none()};  // the backward rounds x·Aᵀ to x's dtype as linear_backward does
+  }
+  ForwardParts f = forward_parts(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed);
+  return {f.y, f.xa, lora_A.scalar_type() != dt ? f.A : none(), lora_B.scalar_type() != dt ? f.B : none()};
+}
+
+// linear_backward on linear_forward_saved's pieces: A and B as saved (cast or the adapters), dA and dB
+// returned in the adapters' own dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_saved(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& xa, double scaling, bool need_dx, bool need_dbias, double dropout_p,
+    const c10::optional<at::Tensor>& seed, at::ScalarType a_dtype, at::ScalarType b_dtype) {
+  check_linear(x, weight, A, B, c10::nullopt);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == weight.size(0), "dy: expected shape (",
+              x.size(0), ", ", weight.size(0), "), got ", dy.sizes());
+  const auto dt = x.scalar_type();
+  return backward_parts(dy, x, weight, A.to(dt), B.to(dt), xa.to(dt), scaling, need_dx, need_dbias, dropout_p, seed,
+                        a_dtype, b_dtype);
+}
+
 }  // namespace
 
 at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::Tensor>& seed) {
@@ -206,6 +243,11 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("linear_backward(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa,"
         " float scaling, bool need_dx, bool need_dbias, float dropout_p=0.0, Tensor? seed=None)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_forward_saved(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling,"
+        " float dropout_p=0.0, Tensor? seed=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_backward_saved(Tensor dy, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor xa, float scaling,"
+        " bool need_dx, bool need_dbias, float dropout_p, Tensor? seed, ScalarType a_dtype, ScalarType b_dtype)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
   // CUDA only: the 4-bit (NF4) forward for 1 to 4 rows (cuda/decode.cu); the Python layer picks it by timing.
   m.def("nf4_decode(Tensor x, Tensor packed, Tensor absmax, Tensor code, int N, Tensor lora_A, Tensor lora_B,"
@@ -218,10 +260,16 @@ TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("linear_forward", &lora_kernels::linear_forward_composite);
   m.impl("linear_backward", &lora_kernels::linear_backward);
   m.impl("dropout", &lora_kernels::dropout_cpu);
+  m.impl("linear_forward_saved", &lora_kernels::linear_forward_saved);
+  m.impl("linear_backward_saved", &lora_kernels::linear_backward_saved);
 }
 
 #ifdef LORA_KERNELS_WITH_CUDA
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("linear_backward", &lora_kernels::linear_backward); }
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("linear_backward", &lora_kernels::linear_backward);
+  m.impl("linear_forward_saved", &lora_kernels::linear_forward_saved);
+  m.impl("linear_backward_saved", &lora_kernels::linear_backward_saved);
+}
 #endif
 
 #ifdef LORA_KERNELS_PYTHON_MODULE

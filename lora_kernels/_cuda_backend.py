@@ -28,7 +28,7 @@ def graph_linear(x2d, weight, lora_A, lora_B, bias, scaling: float, dropout_p: f
     """Under torch.compile: the C++ ops as graph nodes (fake and autograd rules below), so the compiled
     graph calls them directly instead of a Python custom op that calls them (host time per layer)."""
     seed = _ops.seed.default(x2d, lora_A) if dropout_p > 0.0 else None
-    return _ops.linear_forward.default(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)[0]
+    return _ops.linear_forward_saved.default(x2d, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)[0]
 
 
 @torch.library.register_fake("lora_kernels::seed")
@@ -48,22 +48,51 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, need_dx, need_dbias, dropout_p
             lora_B.new_empty(lora_B.shape), dy.new_empty((dy.shape[1],)) if need_dbias else dy.new_empty((0,)))
 
 
-def _setup(ctx, inputs, output):
+@torch.library.register_fake("lora_kernels::linear_forward_saved")
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p=0.0, seed=None):
+    def cast(t):  # the adapter in x's dtype where its own differs, else a 0-element tensor (see ops.cpp)
+        return t.new_empty(t.shape, dtype=x.dtype) if t.dtype != x.dtype else x.new_empty((0,))
+    return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0])), cast(lora_A),
+            cast(lora_B))
+
+
+@torch.library.register_fake("lora_kernels::linear_backward_saved")
+def _(dy, x, weight, A, B, xa, scaling, need_dx, need_dbias, dropout_p, seed, a_dtype, b_dtype):
+    return (x.new_empty(x.shape) if need_dx else dy.new_empty((0,)), A.new_empty(A.shape, dtype=a_dtype),
+            B.new_empty(B.shape, dtype=b_dtype), dy.new_empty((dy.shape[1],)) if need_dbias else dy.new_empty((0,)))
+
+
+def _save(ctx, inputs, A, B, xa):
     x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.save_for_backward(x, weight, A, B, xa, seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.adapter_dtypes = lora_A.dtype, lora_B.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _linear_backward(ctx, dy, _dxa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+def _setup_saved(ctx, inputs, output):
+    """The adapters as the forward cast them (its outputs 2 and 3, where they were cast) and x·Aᵀ in x's
+    dtype, as the eager C++ autograd path keeps them."""
+    _, xa, a_cast, b_cast = output
+    _save(ctx, inputs, a_cast if a_cast.dim() == 2 else inputs[2], b_cast if b_cast.dim() == 2 else inputs[3], xa)
+
+
+def _setup_plain(ctx, inputs, output):  # linear_forward: the adapters as given, x·Aᵀ in float32
+    _save(ctx, inputs, inputs[2], inputs[3], output[1])
+
+
+def _linear_backward(ctx, dy, *_unused):
+    x, weight, A, B, xa, seed = ctx.saved_tensors
     need_dx, need_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
-    dx, dA, dB, dbias = _ops.linear_backward.default(dy.contiguous(), x, weight, lora_A, lora_B, xa, ctx.scaling,
-                                                     need_dx, need_dbias, ctx.dropout_p, seed)
+    dx, dA, dB, dbias = _ops.linear_backward_saved.default(dy.contiguous(), x, weight, A, B, xa, ctx.scaling,
+                                                           need_dx, need_dbias, ctx.dropout_p, seed,
+                                                           *ctx.adapter_dtypes)
     return (dx if need_dx else None, None, dA, dB, dbias.to(ctx.bias_dtype) if need_dbias else None, None, None, None)
 
 
-torch.library.register_autograd("lora_kernels::linear_forward", _linear_backward, setup_context=_setup)
+# The package's graphs take the _saved form; linear_forward keeps a rule for C++ users' graphs
+torch.library.register_autograd("lora_kernels::linear_forward_saved", _linear_backward, setup_context=_setup_saved)
+torch.library.register_autograd("lora_kernels::linear_forward", _linear_backward, setup_context=_setup_plain)
 
 
 def _scaling(scaling, scaling_t):

@@ -181,13 +181,15 @@ def test_cpp_autograd_op_no_grad_inference_and_frozen_adapters():
 
 @needs_ext
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_cpp_ops_as_graph_nodes_compile_and_match_eager(p):
+@pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.bfloat16, torch.float32)])
+def test_cpp_ops_as_graph_nodes_compile_and_match_eager(p, dtypes):
     """Under torch.compile the cuda backend puts the C++ ops in the graph (fake and autograd rules from
     _cuda_backend); on CPU tensors their CPU kernels run. Compiled equals the eager C++ autograd op bit for
-    bit, gradients too, and two layers on one input draw two seeds (the seed op is never merged)."""
+    bit, gradients too (float32 adapters of bfloat16 x: the backward reads the forward's casts, as the eager
+    op's does), and two layers on one input draw two seeds (the seed op is never merged)."""
     from lora_kernels import _backends
     cb = _backends.cuda_backend()
-    x, w, a, b, bias = make_inputs(19, 70, 45, 8, torch.float32)
+    x, w, a, b, bias = make_inputs(19, 70, 45, 8, dtypes[0], adapter_dtype=dtypes[1])
     a2, b2 = a.flip(0).contiguous(), b.flip(1).contiguous()
 
     def two_layers(fn, xx, aa, bb):
@@ -212,6 +214,31 @@ def test_cpp_linear_forward_opcheck():
     x, w, a, b, bias = make_inputs(9, 24, 12, 4, torch.float32)
     a.requires_grad_(True)
     torch.library.opcheck(torch.ops.lora_kernels.linear_forward.default, (x, w, a, b, bias, 0.5, 0.0, None))
+
+
+@needs_ext
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+def test_cpp_linear_forward_saved_opcheck_and_pieces(adapter_dtype):
+    """The graph's forward returns x·Aᵀ in x's dtype and the adapters' casts only where their dtype differs
+    (0-element tensors otherwise: no output aliases an input); its backward gives linear_backward's bits."""
+    import lora_kernels._cuda_backend  # noqa: F401 - registers the fake and autograd rules
+    x, w, a, b, bias = make_inputs(9, 24, 12, 4, torch.bfloat16, adapter_dtype=adapter_dtype)
+    a.requires_grad_(True)
+    ops = torch.ops.lora_kernels
+    torch.library.opcheck(ops.linear_forward_saved.default, (x, w, a, b, bias, 0.5, 0.0, None))
+    y, xa, a_cast, b_cast = ops.linear_forward_saved(x, w, a, b, bias, 0.5)
+    y_ref, xa_ref = ops.linear_forward(x, w, a, b, bias, 0.5)
+    assert torch.equal(y, y_ref) and xa.dtype == x.dtype and torch.equal(xa, xa_ref.to(x.dtype))
+    casts = adapter_dtype is not None
+    assert (a_cast.shape, b_cast.shape) == ((a.shape, b.shape) if casts else ((0,), (0,)))
+    if casts:
+        assert torch.equal(a_cast, a.detach().to(x.dtype)) and torch.equal(b_cast, b.to(x.dtype))
+    dy = torch.randn_like(y)
+    A, B = (a_cast, b_cast) if casts else (a.detach(), b)
+    got = ops.linear_backward_saved(dy, x, w, A, B, xa, 0.5, True, True, 0.0, None, a.dtype, b.dtype)
+    want = ops.linear_backward(dy, x, w, a.detach(), b, xa_ref, 0.5, True, True)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and torch.equal(g, r)
 
 
 @needs_ext
