@@ -13,14 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lora_kernels.bench import e2e
 variants = sys.argv[1:] or ["patched_compile", "peft_compile"]
-built = {}
-for name, patched, compiled, backend in [v for v in e2e.VARIANTS if v[0] in variants]:
-    model, fwd, opt = e2e.build(patched, compiled, backend=backend)
-    data = e2e._batches(4, 2, 2048, model.config.vocab_size)
-    for ids in data[:3]:
-        e2e._step(fwd, opt, ids)
-    torch.cuda.synchronize()
-    built[name] = (fwd, opt, data)
+built = e2e.warmed(variants)
 times = {n: [] for n in built}
 for rnd in range(4):
     for n, (fwd, opt, data) in built.items():

@@ -82,12 +82,8 @@ def whole_step(log, out, variants):
     from torch.profiler import ProfilerActivity, profile
 
     from lora_kernels.bench import e2e
-    for name, patched, compiled, backend in [v for v in e2e.VARIANTS if v[0] in variants]:
-        model, fwd, opt = e2e.build(patched, compiled, backend=backend)
-        data = e2e._batches(4, 2, 2048, model.config.vocab_size)
-        for ids in data[:3]:
-            e2e._step(fwd, opt, ids)
-        torch.cuda.synchronize()
+    for name in [v[0] for v in e2e.VARIANTS if v[0] in variants]:
+        fwd, opt, data = e2e.warmed([name])[name]  # one at a time: each is freed before the next is built
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             e2e._step(fwd, opt, data[3])
@@ -103,7 +99,7 @@ def whole_step(log, out, variants):
         with open(os.path.join(out, f"e2e-profile-{name}.txt"), "w") as f:
             f.write(f"wall {wall:.1f} ms, GPU kernel time {gpu_ms:.1f} ms, {launches} kernels\n\n{table}\n\n{host}\n")
         log(table[:3500])
-        del model, fwd, opt
+        del fwd, opt, data
         torch.cuda.empty_cache()
 
 

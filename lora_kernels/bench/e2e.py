@@ -209,6 +209,21 @@ VARIANTS = [("peft", False, False, "auto"), ("peft_compile", False, True, "auto"
 DEFAULT_VARIANTS = ["peft", "peft_compile", "patched", "patched_triton", "patched_compile"]
 
 
+def warmed(names, warm=3):
+    """{variant name: (fwd, opt, batches)} for the VARIANTS named, each built (the default shape, 2×2048 tokens)
+    and run for `warm` steps (compilation, autotuning, first calls) on four fixed batches: the profiling and
+    A/B scripts' start (bench/e2e_profile.py, bench/compiled_step.py)."""
+    built = {}
+    for name, patched, compiled, backend in [v for v in VARIANTS if v[0] in names]:
+        model, fwd, opt = build(patched, compiled, backend=backend)
+        data = _batches(4, 2, 2048, model.config.vocab_size)
+        for ids in data[:warm]:
+            _step(fwd, opt, ids)
+        _sync("cuda")
+        built[name] = (fwd, opt, data)
+    return built
+
+
 def run(log=print, steps_curve=200, config=None, compiled=True, variants=None, rounds=6, steps=5):
     """compiled=False (the bench's --quick) leaves out the torch.compile variants, which take minutes."""
     variants = variants or DEFAULT_VARIANTS  # the QLoRA pair only when asked for (--e2e-variants)
