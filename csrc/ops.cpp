@@ -158,19 +158,23 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
   check_linear(x, weight, lora_A, lora_B, bias);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ", dropout_p);
   const auto dt = x.scalar_type();
-  at::Tensor xd, A, B;
+  at::Tensor xd, A, B, xa;
 #ifdef LORA_KERNELS_WITH_CUDA
   if (x.is_cuda() && dt != at::kDouble && x.is_contiguous() && lora_A.scalar_type() == lora_B.scalar_type() &&
       (lora_A.scalar_type() == dt || lora_A.scalar_type() == at::kFloat)) {
-    PreparedInputs in = prepare_lora_inputs_cuda(x, lora_A.contiguous(), lora_B.contiguous(), dropout_p, seed);
+    // With the masked kernel, the launch below only casts the adapters (none when they are in x's dtype).
+    const bool masked = dropout_p > 0.0 && seed.has_value() && masked_lowrank_supported(x, lora_A.size(0));
+    PreparedInputs in =
+        prepare_lora_inputs_cuda(x, lora_A.contiguous(), lora_B.contiguous(), masked ? 0.0 : dropout_p, seed);
     xd = in.x, A = in.A, B = in.B;
+    if (masked) xa = masked_xa_cuda(x, A, *seed, dropout_p);
   } else
 #endif
   {
     A = lora_A.to(dt), B = lora_B.to(dt);  // no copy when the adapters are in x's dtype
     xd = apply_dropout(x, dropout_p, seed);
   }
-  at::Tensor xa = at::mm(xd, A.t());
+  if (!xa.defined()) xa = at::mm(xd, A.t());
   // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
   // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
   at::Tensor y;
@@ -204,23 +208,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   const bool on_gpu = false;
 #endif
   // dx: the LoRA part first (same mask and 1/(1-p) as the forward's dropout(x)), then dy·W accumulated into
-  // it by the big GEMM (no separate add over dx). On the GPU, cuBLAS writes s·g·A (24 µs for 8192×4096 on
-  // an H200; a fused product-and-mask kernel of ours ran 69-81 µs), and one pass puts the mask on it in
-  // place while it writes dropout(x) for dA: the same mask, one launch.
+  // it by the big GEMM (no separate add over dx). With dropout on the GPU, the masked kernel writes it and
+  // dA from one read of x (16-bit x, rank <= 16); otherwise cuBLAS writes s·g·A and, with dropout, one pass
+  // puts the mask on it in place while it writes dropout(x) for cuBLAS's dA.
   at::Tensor dx = dy.new_empty({0});
-  at::Tensor xd;
-  if (need_dx && on_gpu) {
-    dx = at::empty({g.size(0), A.size(1)}, g.options());
-    at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
+  at::Tensor xd, dA;
+  if (need_dx && on_gpu) dx = at::empty({g.size(0), A.size(1)}, g.options());
 #ifdef LORA_KERNELS_WITH_CUDA
-    if (dropout_p > 0.0 && seed.has_value()) {
-      xd = at::empty(x.sizes(), x.options());
-      dropout_pair_into(x.contiguous(), xd, dx, *seed, dropout_p);
-    }
+  // 16-bit x, rank <= 16: one kernel reads x once for dA and writes dx's masked low-rank term.
+  const at::Tensor xc = on_gpu && dropout_p > 0.0 && seed.has_value() ? x.contiguous() : x;
+  if (on_gpu && dropout_p > 0.0 && seed.has_value() && g.scalar_type() == x.scalar_type() &&
+      masked_lowrank_supported(xc, A.size(0)))
+    dA = masked_lowrank_backward_cuda(xc, g, A, need_dx ? &dx : nullptr, *seed, dropout_p, scaling, a_dtype);
 #endif
+  if (!dA.defined()) {
+    if (need_dx && on_gpu) {
+      at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
+#ifdef LORA_KERNELS_WITH_CUDA
+      if (dropout_p > 0.0 && seed.has_value()) {
+        xd = at::empty(x.sizes(), x.options());
+        dropout_pair_into(xc, xd, dx, *seed, dropout_p);
+      }
+#endif
+    }
+    if (!xd.defined()) xd = apply_dropout(x, dropout_p, seed);
+    dA = scaled_mm(g.t(), xd, scaling, a_dtype);
   }
-  if (!xd.defined()) xd = apply_dropout(x, dropout_p, seed);
-  at::Tensor dA = scaled_mm(g.t(), xd, scaling, a_dtype);
   at::Tensor dB = scaled_mm(dy.t(), xa, scaling, b_dtype);
   if (need_dx) {
     if (on_gpu) {

@@ -163,6 +163,33 @@ def test_cuda_dropout_backward_ranks_and_frozen_x(dtype, M, K, r):
 
 
 @pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, K, r", [(17, 8, 1), (100, 72, 5), (257, 104, 8), (1000, 4104, 16), (4500, 1024, 16),
+                                     (5, 136, 16), (33, 4096, 12)])
+@pytest.mark.parametrize("adapter_fp32", [False, True])
+def test_cuda_masked_lowrank_kernels(dtype, M, K, r, adapter_fp32):
+    """The masked low-rank kernels (csrc/cuda/masked_lowrank.cu: 16-bit x, K a multiple of 8, rank <= 16):
+    x·Aᵀ with the mask applied as x is loaded, then dA and dx's low-rank term from one read of x. Rows past a
+    16-row tile, K past a 32-column chunk (72, 104, 136) and a 256-column block (4104), ranks below 16
+    (zero-padded), 4500 rows for the forward's two-tile form, 5 rows behind the decode forward. Under the
+    oracle rule; a second run gives the same bits (no atomics), and without a gradient for x the adapters'
+    gradients are those bits too."""
+    x, w, a, b, bias = make_inputs(M, K, 40, r, dtype, device="cuda",
+                                   adapter_dtype=torch.float32 if adapter_fp32 else None)
+    got = oracle_check(x, w, a, b, bias, scaling=0.5, dropout_p=0.15, backend="cuda", seed=M + K + r)
+    dy = torch.randn(M, 40, device="cuda", dtype=dtype)
+    runs = []
+    for frozen_x in (False, False, True):
+        torch.manual_seed(11)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+        xx = leaves[0].detach() if frozen_x else leaves[0]
+        lk.lora_linear(xx, w, leaves[1], leaves[2], 0.5, bias, dropout_p=0.15, backend="cuda").backward(dy)
+        runs.append([t.grad for t in leaves])
+    assert got[1].shape == x.shape and all(torch.equal(u, v) for u, v in zip(runs[0], runs[1]))
+    assert runs[2][0] is None and torch.equal(runs[2][1], runs[0][1]) and torch.equal(runs[2][2], runs[0][2])
+
+
+@pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
 @pytest.mark.parametrize("M", [9, 12, 16])
 def test_cuda_9_to_16_rows_eager_and_captured(M):
     """Eager calls take the 16-row decode form, a CUDA-graph capture the composite (csrc/cuda/decode.cu); both

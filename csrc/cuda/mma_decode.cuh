@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace lora_kernels {
 namespace {
@@ -44,32 +45,6 @@ __device__ inline float lds_f32(uint32_t addr) {
   return v;
 }
 
-// Two floats rounded to T (bf16 / fp16) and packed, the first in the low half.
-template <typename T>
-__device__ inline uint32_t pack_rounded(float lo, float hi) {
-  uint32_t w;
-  if constexpr (std::is_same_v<T, at::BFloat16>)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-  else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-  return w;
-}
-
-// c += a·b on tensor cores, float32 accumulation: a 16×16 (row), b 16×8 (col), T = bf16 or fp16.
-template <typename T>
-__device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, at::BFloat16>)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The A fragments of two mma steps from one 32-bit word of a column's bytes (byte b: high nibble k = 2b, low
 // nibble 2b + 1), scaled by the block's absmax and rounded. half selects the step's two bytes in the word.
 template <typename T, int HALF>
@@ -80,7 +55,6 @@ __device__ inline void decode_pairs(uint32_t w, uint32_t lane_base, float am, ui
                         lds_f32(code_addr<B + 8>(w, lane_base)) * am);
 }
 
-__device__ inline uint32_t word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // W's formats for the tensor-core decode: 16-bit values as stored, or NF4 codes with float32 absmaxes or
 // double-quantised ones.

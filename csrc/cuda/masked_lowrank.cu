@@ -1,0 +1,356 @@
+// Dropout's mask applied inside the low-rank products, so dropout(x) is never written or read back
+// (16-bit x, ranks up to 16, tensor cores):
+//   masked_xa        x·Aᵀ with the mask put on x as it is loaded (the forward: one read of x);
+//   masked_backward  dA = s·gᵀ·dropout(x) and dx's low-rank term mask ⊙ s·g·A from one read of x and one
+//                    write of dx (the big GEMM then adds dy·W into dx with beta = 1).
+// The mask is hash.h's (seed, row, col) function, one hash per element serving both uses. Sums over rows
+// (dA) go to per-slice float32 partials added in a fixed order by a second launch: no atomics, so runs are
+// bit-reproducible.
+//
+// Fragment layout. A lane group of 4 (q = lane % 4) loads 8 consecutive columns of a row as one 16-byte
+// access: lane q holds physical columns 8q .. 8q+7 of a 32-column chunk. The reduction order inside an mma
+// is free, so those 8 columns feed the k slots (2q, 2q+1, 2q+8, 2q+9) of two k16 steps directly; where the
+// columns are an output (n) index instead, n-tile t holds physical column 8(n/2) + 2t + n%2 for its n.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../hash.h"
+#include "../ops.h"
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRank = 16;   // ranks up to 16 are zero-padded to one k16 step (backward) or two n8 tiles
+constexpr int kChunk = 32;  // columns per warp step: 8 per lane of a group of 4
+
+__device__ inline uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// The mask of 8 consecutive columns as AND masks over the 4 packed 16-bit pairs holding them.
+__device__ inline void keep_words(uint32_t row_hash, int64_t col, uint32_t threshold, uint32_t (&keep)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    keep[i] = (dropout_keep_row(row_hash, col + 2 * i, threshold) ? 0x0000FFFFu : 0u) |
+              (dropout_keep_row(row_hash, col + 2 * i + 1, threshold) ? 0xFFFF0000u : 0u);
+}
+
+// 8 columns of a row from col on (zeros past the matrix: no access).
+__device__ inline uint4 load_row8(const uint16_t* base, int64_t row, int64_t rows, int64_t col, int64_t cols) {
+  return row < rows && col < cols ? load16(base + row * cols + col) : make_uint4(0, 0, 0, 0);
+}
+
+// The 8 columns as 4 words with dropped elements +0 (NaN or not, as the reference's where()).
+__device__ inline void masked_words(const uint4& v, const uint32_t (&keep)[4], uint32_t (&out)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = word(v, i) & keep[i];
+}
+
+__device__ inline uint32_t pack2(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// Loads go kAhead steps ahead of use through compile-time ring slots (a loop unrolled by kAhead), so each
+// warp keeps several 16-byte loads per lane in flight without a barrier or a shared-memory staging pass.
+constexpr int kAhead = 4;
+
+// xa = scale·(keep ⊙ x)·Aᵀ. A block takes 16·TM rows; its warps split the columns (chunks w, w + 8, ...)
+// and add their partial sums in shared memory in warp order.
+template <int TM>
+struct XaStep {
+  uint4 a[2];       // A rows grp and grp + 8 (the two n-tiles' j), this lane's 8 columns
+  uint4 x[TM][2];   // x rows grp and grp + 8 of each 16-row tile
+};
+
+template <typename T, int TM, int AHEAD>
+__global__ void __launch_bounds__(kThreads, TM * AHEAD <= 4 ? 2 : 1) masked_xa_kernel(const uint16_t* __restrict__ x,
+                                                             const uint16_t* __restrict__ A, T* __restrict__ xa,
+                                                             int64_t M, int64_t K, int r,
+                                                             const int64_t* __restrict__ seed, uint32_t threshold,
+                                                             float scale) {
+  __shared__ float partial[kWarps][TM * 16][kRank];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TM * 16;
+  uint32_t row_hash[TM][2];
+#pragma unroll
+  for (int t = 0; t < TM; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_hash[t][h] = dropout_row_hash(*seed, row0 + t * 16 + h * 8 + grp);
+  auto load = [&](XaStep<TM>& st, int64_t c0) {
+    const int64_t col = c0 + 8 * q;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st.a[h] = load_row8(A, h * 8 + grp, r, col, K);
+#pragma unroll
+    for (int t = 0; t < TM; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) st.x[t][h] = load_row8(x, row0 + t * 16 + h * 8 + grp, M, col, K);
+  };
+  constexpr int64_t kStride = kWarps * kChunk;
+  const int64_t first = static_cast<int64_t>(warp) * kChunk;
+  XaStep<TM> ring[AHEAD];
+#pragma unroll
+  for (int d = 0; d < AHEAD; ++d) load(ring[d], first + d * kStride);
+  float acc[TM][2][4] = {};
+  for (int64_t c = first; c < K; c += AHEAD * kStride) {
+#pragma unroll
+    for (int d = 0; d < AHEAD; ++d) {
+      const int64_t c0 = c + d * kStride;
+      if (c0 >= K) break;  // warp-uniform
+      const int64_t col = c0 + 8 * q;
+      XaStep<TM>& st = ring[d];
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        uint32_t lo[4], hi[4], keep[4];
+        keep_words(row_hash[t][0], col, threshold, keep);
+        masked_words(st.x[t][0], keep, lo);
+        keep_words(row_hash[t][1], col, threshold, keep);
+        masked_words(st.x[t][1], keep, hi);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t a[4] = {lo[2 * half], hi[2 * half], lo[2 * half + 1], hi[2 * half + 1]};
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            mma_16816<T>(acc[t][h], a, word(st.a[h], 2 * half), word(st.a[h], 2 * half + 1));
+        }
+      }
+      load(st, c0 + AHEAD * kStride);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TM; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) partial[warp][t * 16 + grp + (e / 2) * 8][h * 8 + 2 * q + e % 2] = acc[t][h][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < TM * 16 * kRank; i += kThreads) {
+    const int row = i / kRank, j = i % kRank;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][row][j];
+    if (row0 + row < M && j < r) xa[(row0 + row) * r + j] = static_cast<T>(sum * scale);
+  }
+}
+
+// One 16-row step of the backward: x's rows grp and grp + 8 (this lane's 8 columns) and g's A-operand
+// fragment (rows grp / grp + 8, ranks 2q, 2q+1 and 2q+8, 2q+9).
+struct BackwardStep {
+  uint4 lo, hi;
+  uint32_t g[4];
+};
+
+__device__ inline void load_backward_step(BackwardStep& st, const uint16_t* x, const uint16_t* g, int64_t m,
+                                          int64_t m_end, int64_t col, int64_t K, int r, int grp, int q) {
+  const int64_t r0 = m + grp, r1 = m + grp + 8;
+  st.lo = load_row8(x, r0, m_end, col, K);
+  st.hi = load_row8(x, r1, m_end, col, K);
+  if (r == kRank) {  // rows of 32 bytes: the pairs as 4-byte loads
+    auto pair = [&](int64_t row, int j) {
+      return row < m_end ? *reinterpret_cast<const uint32_t*>(g + row * kRank + j) : 0u;
+    };
+    st.g[0] = pair(r0, 2 * q), st.g[1] = pair(r1, 2 * q), st.g[2] = pair(r0, 2 * q + 8), st.g[3] = pair(r1, 2 * q + 8);
+  } else {
+    auto at = [&](int64_t row, int j) -> uint16_t { return row < m_end && j < r ? g[row * r + j] : uint16_t(0); };
+    st.g[0] = pack2(at(r0, 2 * q), at(r0, 2 * q + 1)), st.g[1] = pack2(at(r1, 2 * q), at(r1, 2 * q + 1));
+    st.g[2] = pack2(at(r0, 2 * q + 8), at(r0, 2 * q + 9)), st.g[3] = pack2(at(r1, 2 * q + 8), at(r1, 2 * q + 9));
+  }
+}
+
+// One 32-column chunk per warp (8 warps: 256 columns per block), rows [y·rows_per_slice, +rows_per_slice)
+// in steps of 16, no barrier. Per step: x's 16×32 tile read once and masked; dx's tile written as
+// keep·ds·(g·A); gᵀ·(masked x) accumulated for dA (x's fragments transposed in registers to serve as the
+// mma's B operand).
+template <typename T, bool WRITE_DX>
+__global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
+    const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, const uint16_t* __restrict__ A,
+    uint16_t* __restrict__ dx, float* __restrict__ partial, int64_t M, int64_t K, int r, int64_t rows_per_slice,
+    const int64_t* __restrict__ seed, uint32_t threshold, float ds) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
+  const int64_t chunk0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kChunk;
+  const int64_t col = chunk0 + 8 * q;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
+  const int64_t m_end = m_begin + rows_per_slice < M ? m_begin + rows_per_slice : M;
+  BackwardStep ring[kAhead];
+#pragma unroll
+  for (int d = 0; d < kAhead; ++d) load_backward_step(ring[d], x, g, m_begin + 16 * d, m_end, col, K, r, grp, q);
+  // g·A's B operand for n-tile t: A[j][column of (grp, t)] for j = 2q, 2q+1 (first word) and 2q+8, 2q+9.
+  uint32_t bA[4][2];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const int64_t c = chunk0 + 8 * (grp / 2) + 2 * t + grp % 2;
+    auto at = [&](int j) -> uint16_t { return j < r && c < K ? A[j * K + c] : uint16_t(0); };
+    bA[t][0] = pack2(at(2 * q), at(2 * q + 1));
+    bA[t][1] = pack2(at(2 * q + 8), at(2 * q + 9));
+  }
+  const int64_t s = *seed;
+  float acc[4][4] = {};  // dA[j][col + 2t + e]: j = grp (e < 2), grp + 8 (e >= 2)
+  for (int64_t m = m_begin; m < m_end; m += 16 * kAhead) {
+#pragma unroll
+    for (int d = 0; d < kAhead; ++d) {
+      const int64_t mm = m + 16 * d;
+      if (mm >= m_end) break;  // warp-uniform
+      BackwardStep& st = ring[d];
+      const int64_t r0 = mm + grp, r1 = mm + grp + 8;
+      uint32_t lo[4], hi[4], keep_lo[4], keep_hi[4];
+      keep_words(dropout_row_hash(s, r0), col, threshold, keep_lo);
+      keep_words(dropout_row_hash(s, r1), col, threshold, keep_hi);
+      masked_words(st.lo, keep_lo, lo);
+      masked_words(st.hi, keep_hi, hi);
+      if constexpr (WRITE_DX) {
+        uint32_t out_lo[4], out_hi[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          float d4[4] = {};
+          mma_16816<T>(d4, st.g, bA[t][0], bA[t][1]);
+          out_lo[t] = pack_rounded<T>(d4[0] * ds, d4[1] * ds) & keep_lo[t];
+          out_hi[t] = pack_rounded<T>(d4[2] * ds, d4[3] * ds) & keep_hi[t];
+        }
+        if (col < K) {
+          if (r0 < m_end)
+            *reinterpret_cast<uint4*>(dx + r0 * K + col) = make_uint4(out_lo[0], out_lo[1], out_lo[2], out_lo[3]);
+          if (r1 < m_end)
+            *reinterpret_cast<uint4*>(dx + r1 * K + col) = make_uint4(out_hi[0], out_hi[1], out_hi[2], out_hi[3]);
+        }
+      }
+      // gᵀ as the A operand: the transposes of g's four 8×8 blocks, (j, m) quadrants in mma order.
+      const uint32_t gt[4] = {transpose_8x8(st.g[0]), transpose_8x8(st.g[2]), transpose_8x8(st.g[1]),
+                              transpose_8x8(st.g[3])};
+#pragma unroll
+      for (int t = 0; t < 4; ++t) mma_16816<T>(acc[t], gt, transpose_8x8(lo[t]), transpose_8x8(hi[t]));
+      load_backward_step(st, x, g, mm + 16 * kAhead, m_end, col, K, r, grp, q);
+    }
+  }
+  if (col < K) {
+    float* out = partial + static_cast<int64_t>(blockIdx.y) * kRank * K + col;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* row = out + (grp + 8 * h) * K;
+      *reinterpret_cast<float4*>(row) = make_float4(acc[0][2 * h], acc[0][2 * h + 1], acc[1][2 * h], acc[1][2 * h + 1]);
+      *reinterpret_cast<float4*>(row + 4) =
+          make_float4(acc[2][2 * h], acc[2][2 * h + 1], acc[3][2 * h], acc[3][2 * h + 1]);
+    }
+  }
+}
+
+// dA[j][k] = scale·Σ_slices partial[slice][j][k], slices added in order.
+template <typename TO>
+__global__ void reduce_slices_kernel(const float* __restrict__ partial, TO* __restrict__ dA, int slices, int r,
+                                     int64_t K, float scale) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= r * K) return;
+  const int64_t j = i / K, k = i % K;
+  float sum = 0.f;
+  for (int sl = 0; sl < slices; ++sl) sum += partial[(sl * kRank + j) * K + k];
+  dA[i] = static_cast<TO>(sum * scale);
+}
+
+template <typename F>
+void dispatch_16bit(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16)
+    f(at::BFloat16{});
+  else
+    f(at::Half{});
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+}  // namespace
+
+bool masked_lowrank_supported(const at::Tensor& x, int64_t rank) {
+  const auto dt = x.scalar_type();
+  return x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && x.dim() == 2 && rank <= kRank &&
+         x.size(1) % 8 == 0 && x.numel() > 0 && x.is_contiguous() && aligned16(x.data_ptr()) &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+namespace {
+// A in x's dtype, contiguous and 16-byte aligned (a copy only for an odd view).
+at::Tensor adapter_rows(const at::Tensor& x, const at::Tensor& A) {
+  TORCH_CHECK(masked_lowrank_supported(x, A.size(0)) && A.scalar_type() == x.scalar_type() && A.dim() == 2 &&
+                  A.size(1) == x.size(1),
+              "masked low-rank kernels: unsupported inputs");
+  return A.is_contiguous() && aligned16(A.data_ptr()) ? A : A.clone(at::MemoryFormat::Contiguous);
+}
+}  // namespace
+
+at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
+  const at::Tensor A = adapter_rows(x, lora_A);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  const int r = static_cast<int>(A.size(0));
+  at::Tensor xa = at::empty({M, r}, x.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_16bit(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto launch = [&](auto kernel, int rows_per_block) {
+      kernel<<<static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
+          reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(A.data_ptr()),
+          xa.data_ptr<T>(), M, K, r, seed.data_ptr<int64_t>(), dropout_threshold(p),
+          static_cast<float>(dropout_scale(p)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    // Two 16-row tiles per block share each load of A, while there are blocks enough for every SM.
+    if ((M + 31) / 32 >= sm_count())
+      launch(masked_xa_kernel<T, 2, 4>, 32);
+    else
+      launch(masked_xa_kernel<T, 1, 4>, 16);
+  });
+  return xa;
+}
+
+at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g, const at::Tensor& lora_A,
+                                        at::Tensor* dx, const at::Tensor& seed, double p, double s,
+                                        at::ScalarType a_dtype) {
+  const at::Tensor A = adapter_rows(x, lora_A);
+  const int64_t M = x.size(0), K = x.size(1);
+  const int r = static_cast<int>(A.size(0));
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.is_contiguous() && g.sizes() == at::IntArrayRef({M, r}),
+              "masked_backward: g must be a contiguous (M, r) tensor of x's dtype");
+  TORCH_CHECK(dx == nullptr || (dx->is_contiguous() && dx->sizes() == x.sizes() &&
+                                dx->scalar_type() == x.scalar_type() && aligned16(dx->data_ptr())),
+              "masked_backward: dx must be contiguous, aligned, of x's shape and dtype");
+  TORCH_CHECK(a_dtype == at::kFloat || a_dtype == x.scalar_type(), "masked_backward: dA in float32 or x's dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Row slices enough for ~3 blocks per SM; each slice leaves one 16×K float32 partial of dA.
+  const int64_t col_blocks = (K + kWarps * kChunk - 1) / (kWarps * kChunk);
+  const int64_t row_tiles = (M + 15) / 16;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(row_tiles, (3 * sm_count() + col_blocks - 1) / col_blocks));
+  const int64_t rows_per_slice = (row_tiles + want - 1) / want * 16;
+  const int64_t slices = (M + rows_per_slice - 1) / rows_per_slice;
+  at::Tensor partial = at::empty({slices, kRank, K}, x.options().dtype(at::kFloat));
+  at::Tensor dA = at::empty({r, K}, x.options().dtype(a_dtype));
+  const float scale = static_cast<float>(s * dropout_scale(p));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_16bit(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto launch = [&](auto kernel) {
+      kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices)), kThreads, 0, stream>>>(
+          reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(g.data_ptr()),
+          reinterpret_cast<const uint16_t*>(A.data_ptr()),
+          dx != nullptr ? reinterpret_cast<uint16_t*>(dx->data_ptr()) : nullptr, partial.data_ptr<float>(), M, K, r,
+          rows_per_slice, seed.data_ptr<int64_t>(), dropout_threshold(p), scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (dx != nullptr)
+      launch(masked_backward_kernel<T, true>);
+    else
+      launch(masked_backward_kernel<T, false>);
+    const unsigned blocks = static_cast<unsigned>((r * K + 255) / 256);
+    auto reduce = [&](auto out_tag) {
+      using TO = decltype(out_tag);
+      reduce_slices_kernel<TO><<<blocks, 256, 0, stream>>>(partial.data_ptr<float>(), dA.data_ptr<TO>(),
+                                                           static_cast<int>(slices), r, K, scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (a_dtype == at::kFloat)
+      reduce(float{});
+    else
+      reduce(T{});
+  });
+  return dA;
+}
+
+}  // namespace lora_kernels
