@@ -163,7 +163,8 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
   if (x.is_cuda() && dt != at::kDouble && x.is_contiguous() && lora_A.scalar_type() == lora_B.scalar_type() &&
       (lora_A.scalar_type() == dt || lora_A.scalar_type() == at::kFloat)) {
     // With the masked kernel, the launch below only casts the adapters (none when they are in x's dtype).
-    const bool masked = dropout_p > 0.0 && seed.has_value() && masked_lowrank_supported(x, lora_A.size(0));
+    const bool masked =
+        dropout_p > 0.0 && seed.has_value() && masked_lowrank_supported(x, lora_A.size(0), dropout_p);
     PreparedInputs in =
         prepare_lora_inputs_cuda(x, lora_A.contiguous(), lora_B.contiguous(), masked ? 0.0 : dropout_p, seed);
     xd = in.x, A = in.A, B = in.B;
@@ -218,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   // 16-bit x, rank <= 16: one kernel reads x once for dA and writes dx's masked low-rank term.
   const at::Tensor xc = on_gpu && dropout_p > 0.0 && seed.has_value() ? x.contiguous() : x;
   if (on_gpu && dropout_p > 0.0 && seed.has_value() && g.scalar_type() == x.scalar_type() &&
-      masked_lowrank_supported(xc, A.size(0)))
+      masked_lowrank_supported(xc, A.size(0), dropout_p))
     dA = masked_lowrank_backward_cuda(xc, g, A, need_dx ? &dx : nullptr, *seed, dropout_p, scaling, a_dtype);
 #endif
   if (!dA.defined()) {
