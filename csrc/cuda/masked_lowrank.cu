@@ -266,9 +266,9 @@ int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCo
 
 bool masked_lowrank_supported(const at::Tensor& x, int64_t rank, double p) {
   const auto dt = x.scalar_type();
-  return dropout_threshold(p) < (1u << 24) && x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && x.dim() == 2 && rank <= kRank &&
-         x.size(1) % 8 == 0 && x.numel() > 0 && x.is_contiguous() && aligned16(x.data_ptr()) &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8;
+  return dropout_threshold(p) < (1u << 24) && x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) &&
+         x.dim() == 2 && rank <= kRank && x.size(1) % 8 == 0 && x.numel() > 0 && x.is_contiguous() &&
+         aligned16(x.data_ptr()) && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
 namespace {
@@ -322,7 +322,8 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
   // Row slices enough for ~3 blocks per SM; each slice leaves one 16×K float32 partial of dA.
   const int64_t col_blocks = (K + kWarps * kChunk - 1) / (kWarps * kChunk);
   const int64_t row_tiles = (M + 15) / 16;
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(row_tiles, (3 * sm_count() + col_blocks - 1) / col_blocks));
+  const int64_t per_col_block = (3 * sm_count() + col_blocks - 1) / col_blocks;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(row_tiles, per_col_block));
   const int64_t rows_per_slice = (row_tiles + want - 1) / want * 16;
   const int64_t slices = (M + rows_per_slice - 1) / rows_per_slice;
   at::Tensor partial = at::empty({slices, kRank, K}, x.options().dtype(at::kFloat));
