@@ -210,13 +210,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
 #endif
   // dx: the LoRA part first (same mask and 1/(1-p) as the forward's dropout(x)), then dy·W accumulated into
   // it by the big GEMM (no separate add over dx). With dropout on the GPU, the masked kernel writes it and
-  // dA from one read of x (16-bit x, rank <= 16); otherwise cuBLAS writes s·g·A and, with dropout, one pass
+  // dA from one read of x (16-bit x, rank <= 32); otherwise cuBLAS writes s·g·A and, with dropout, one pass
   // puts the mask on it in place while it writes dropout(x) for cuBLAS's dA.
   at::Tensor dx = dy.new_empty({0});
   at::Tensor xd, dA;
   if (need_dx && on_gpu) dx = at::empty({g.size(0), A.size(1)}, g.options());
 #ifdef LORA_KERNELS_WITH_CUDA
-  // 16-bit x, rank <= 16: one kernel reads x once for dA and writes dx's masked low-rank term.
+  // 16-bit x, rank <= 32: one kernel reads x once for dA and writes dx's masked low-rank term.
   const at::Tensor xc = on_gpu && dropout_p > 0.0 && seed.has_value() ? x.contiguous() : x;
   if (on_gpu && dropout_p > 0.0 && seed.has_value() && g.scalar_type() == x.scalar_type() &&
       masked_lowrank_supported(xc, A.size(0), dropout_p))

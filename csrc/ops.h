@@ -39,7 +39,7 @@ PreparedInputs prepare_lora_inputs_cuda(const at::Tensor& x, const at::Tensor& l
 // of one shape, contiguous), in one pass.
 void dropout_pair_into(const at::Tensor& x, at::Tensor& out, at::Tensor& y, const at::Tensor& seed, double p);
 // cuda/masked_lowrank.cu: dropout's mask applied inside the low-rank products (16-bit x, contiguous and
-// 16-byte aligned, K a multiple of 8, ranks up to 16, sm_80+, p below 1 - 2^-25), dropout(x) never written.
+// 16-byte aligned, K a multiple of 8, ranks up to 32, sm_80+, p below 1 - 2^-25), dropout(x) never written.
 bool masked_lowrank_supported(const at::Tensor& x, int64_t rank, double p);
 // x·Aᵀ on dropout(x), in x's dtype (A in x's dtype).
 at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed, double p);

@@ -165,13 +165,13 @@ def test_cuda_dropout_backward_ranks_and_frozen_x(dtype, M, K, r):
 @pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M, K, r", [(17, 8, 1), (100, 72, 5), (257, 104, 8), (1000, 4104, 16), (4500, 1024, 16),
-                                     (5, 136, 16), (33, 4096, 12)])
+                                     (5, 136, 16), (33, 4096, 12), (300, 520, 17), (1000, 4104, 32), (70, 264, 27)])
 @pytest.mark.parametrize("adapter_fp32", [False, True])
 def test_cuda_masked_lowrank_kernels(dtype, M, K, r, adapter_fp32):
-    """The masked low-rank kernels (csrc/cuda/masked_lowrank.cu: 16-bit x, K a multiple of 8, rank <= 16):
+    """The masked low-rank kernels (csrc/cuda/masked_lowrank.cu: 16-bit x, K a multiple of 8, rank <= 32):
     x·Aᵀ with the mask applied as x is loaded, then dA and dx's low-rank term from one read of x. Rows past a
-    16-row tile, K past a 32-column chunk (72, 104, 136) and a 256-column block (4104), ranks below 16
-    (zero-padded), 4500 rows for the forward's two-tile form, 5 rows behind the decode forward. Under the
+    16-row tile, K past a 32-column chunk (72, 104, 136, 264, 520) and a 256-column block (4104), ranks
+    zero-padded to the 16- or 32-rank tile (17, 27), 5 rows behind the decode forward. Under the
     oracle rule; a second run gives the same bits (no atomics), and without a gradient for x the adapters'
     gradients are those bits too."""
     x, w, a, b, bias = make_inputs(M, K, 40, r, dtype, device="cuda",

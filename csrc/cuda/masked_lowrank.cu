@@ -1,5 +1,5 @@
 // Dropout's mask applied inside the low-rank products, so dropout(x) is never written or read back
-// (16-bit x, ranks up to 16, tensor cores):
+// (16-bit x, ranks up to 32, tensor cores):
 //   masked_xa        x·Aᵀ with the mask put on x as it is loaded (the forward: one read of x);
 //   masked_backward  dA = s·gᵀ·dropout(x) and dx's low-rank term mask ⊙ s·g·A from one read of x and one
 //                    write of dx (the big GEMM then adds dy·W into dx with beta = 1).
@@ -25,8 +25,8 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRank = 16;   // ranks up to 16 are zero-padded to one k16 step (backward) or two n8 tiles
-constexpr int kChunk = 32;  // columns per warp step: 8 per lane of a group of 4
+constexpr int kMaxRank = 32;  // ranks up to 16 are zero-padded to 16, up to 32 to 32 (R: the kernels' rank tile)
+constexpr int kChunk = 32;    // columns per warp step: 8 per lane of a group of 4
 
 __device__ inline uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
@@ -58,81 +58,74 @@ __device__ inline uint32_t pack2(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
-// Loads go kAhead steps ahead of use through compile-time ring slots (a loop unrolled by kAhead), so each
+// Loads go AHEAD steps ahead of use through compile-time ring slots (a loop unrolled by AHEAD), so each
 // warp keeps several 16-byte loads per lane in flight without a barrier or a shared-memory staging pass.
-constexpr int kAhead = 4;
+// Rank tiles of 16 keep four steps in flight, of 32 two (the ring's registers grow with the rank).
+template <int R>
+constexpr int ahead_for_rank() { return R <= 16 ? 4 : 2; }
 
-// xa = scale·(keep ⊙ x)·Aᵀ. A block takes 16·TM rows; its warps split the columns (chunks w, w + 8, ...)
-// and add their partial sums in shared memory in warp order. Loads run AHEAD steps ahead.
-template <int TM>
+// xa = scale·(keep ⊙ x)·Aᵀ for ranks up to R (zero-padded). A block takes 16 rows; its warps split the
+// columns (chunks w, w + 8, ...) and add their partial sums in shared memory in warp order. 37 µs at
+// 8192×4096, R = 16, on an H100, where two 16-row tiles per block sharing A's loads (one block per SM)
+// took 41 and two steps ahead ~38.
+template <int R>
 struct XaStep {
-  uint4 a[2];       // A rows grp and grp + 8 (the two n-tiles' j), this lane's 8 columns
-  uint4 x[TM][2];   // x rows grp and grp + 8 of each 16-row tile
+  uint4 a[R / 8];  // A rows h·8 + grp (n-tile h's j), this lane's 8 columns
+  uint4 x[2];      // x rows grp and grp + 8
 };
 
-template <typename T, int TM, int AHEAD>
-__global__ void __launch_bounds__(kThreads, TM * AHEAD <= 4 ? 2 : 1) masked_xa_kernel(const uint16_t* __restrict__ x,
-                                                             const uint16_t* __restrict__ A, T* __restrict__ xa,
-                                                             int64_t M, int64_t K, int r,
-                                                             const int64_t* __restrict__ seed, uint32_t threshold,
-                                                             float scale) {
-  __shared__ float partial[kWarps][TM * 16][kRank];
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads, 2) masked_xa_kernel(const uint16_t* __restrict__ x,
+                                                                const uint16_t* __restrict__ A, T* __restrict__ xa,
+                                                                int64_t M, int64_t K, int r,
+                                                                const int64_t* __restrict__ seed,
+                                                                uint32_t threshold, float scale) {
+  constexpr int NT = R / 8, AHEAD = ahead_for_rank<R>();
+  __shared__ float partial[kWarps][16][R];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TM * 16;
-  uint32_t row_hash[TM][2];
-#pragma unroll
-  for (int t = 0; t < TM; ++t)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) row_hash[t][h] = dropout_row_hash(*seed, row0 + t * 16 + h * 8 + grp);
-  auto load = [&](XaStep<TM>& st, int64_t c0) {
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const uint32_t row_hash[2] = {dropout_row_hash(*seed, row0 + grp), dropout_row_hash(*seed, row0 + 8 + grp)};
+  auto load = [&](XaStep<R>& st, int64_t c0) {
     const int64_t col = c0 + 8 * q;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) st.a[h] = load_row8(A, h * 8 + grp, r, col, K);
+    for (int h = 0; h < NT; ++h) st.a[h] = load_row8(A, h * 8 + grp, r, col, K);
 #pragma unroll
-    for (int t = 0; t < TM; ++t)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) st.x[t][h] = load_row8(x, row0 + t * 16 + h * 8 + grp, M, col, K);
+    for (int h = 0; h < 2; ++h) st.x[h] = load_row8(x, row0 + h * 8 + grp, M, col, K);
   };
   constexpr int64_t kStride = kWarps * kChunk;
   const int64_t first = static_cast<int64_t>(warp) * kChunk;
-  XaStep<TM> ring[AHEAD];
+  XaStep<R> ring[AHEAD];
 #pragma unroll
   for (int d = 0; d < AHEAD; ++d) load(ring[d], first + d * kStride);
-  float acc[TM][2][4] = {};
+  float acc[NT][4] = {};
   for (int64_t c = first; c < K; c += AHEAD * kStride) {
 #pragma unroll
     for (int d = 0; d < AHEAD; ++d) {
       const int64_t c0 = c + d * kStride;
       if (c0 >= K) break;  // warp-uniform
       const int64_t col = c0 + 8 * q;
-      XaStep<TM>& st = ring[d];
+      XaStep<R>& st = ring[d];
+      uint32_t lo[4], hi[4], keep[4];
+      keep_words(row_hash[0], col, threshold, keep);
+      masked_words(st.x[0], keep, lo);
+      keep_words(row_hash[1], col, threshold, keep);
+      masked_words(st.x[1], keep, hi);
 #pragma unroll
-      for (int t = 0; t < TM; ++t) {
-        uint32_t lo[4], hi[4], keep[4];
-        keep_words(row_hash[t][0], col, threshold, keep);
-        masked_words(st.x[t][0], keep, lo);
-        keep_words(row_hash[t][1], col, threshold, keep);
-        masked_words(st.x[t][1], keep, hi);
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t a[4] = {lo[2 * half], hi[2 * half], lo[2 * half + 1], hi[2 * half + 1]};
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t a[4] = {lo[2 * half], hi[2 * half], lo[2 * half + 1], hi[2 * half + 1]};
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            mma_16816<T>(acc[t][h], a, word(st.a[h], 2 * half), word(st.a[h], 2 * half + 1));
-        }
+        for (int h = 0; h < NT; ++h) mma_16816<T>(acc[h], a, word(st.a[h], 2 * half), word(st.a[h], 2 * half + 1));
       }
       load(st, c0 + AHEAD * kStride);
     }
   }
 #pragma unroll
-  for (int t = 0; t < TM; ++t)
+  for (int h = 0; h < NT; ++h)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) partial[warp][t * 16 + grp + (e / 2) * 8][h * 8 + 2 * q + e % 2] = acc[t][h][e];
+    for (int e = 0; e < 4; ++e) partial[warp][grp + (e / 2) * 8][h * 8 + 2 * q + e % 2] = acc[h][e];
   __syncthreads();
-  for (int i = threadIdx.x; i < TM * 16 * kRank; i += kThreads) {
-    const int row = i / kRank, j = i % kRank;
+  for (int i = threadIdx.x; i < 16 * R; i += kThreads) {
+    const int row = i / R, j = i % R;
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += partial[w][row][j];
@@ -141,63 +134,77 @@ __global__ void __launch_bounds__(kThreads, TM * AHEAD <= 4 ? 2 : 1) masked_xa_k
 }
 
 // One 16-row step of the backward: x's rows grp and grp + 8 (this lane's 8 columns) and g's A-operand
-// fragment (rows grp / grp + 8, ranks 2q, 2q+1 and 2q+8, 2q+9).
+// fragments, one per 16 ranks (rows grp / grp + 8, ranks 16s + 2q, +1 and 16s + 2q + 8, +9).
+template <int R>
 struct BackwardStep {
   uint4 lo, hi;
-  uint32_t g[4];
+  uint32_t g[R / 16][4];
 };
 
-__device__ inline void load_backward_step(BackwardStep& st, const uint16_t* x, const uint16_t* g, int64_t m,
+template <int R>
+__device__ inline void load_backward_step(BackwardStep<R>& st, const uint16_t* x, const uint16_t* g, int64_t m,
                                           int64_t m_end, int64_t col, int64_t K, int r, int grp, int q) {
   const int64_t r0 = m + grp, r1 = m + grp + 8;
   st.lo = load_row8(x, r0, m_end, col, K);
   st.hi = load_row8(x, r1, m_end, col, K);
-  if (r == kRank) {  // rows of 32 bytes: the pairs as 4-byte loads
-    auto pair = [&](int64_t row, int j) {
-      return row < m_end ? *reinterpret_cast<const uint32_t*>(g + row * kRank + j) : 0u;
-    };
-    st.g[0] = pair(r0, 2 * q), st.g[1] = pair(r1, 2 * q), st.g[2] = pair(r0, 2 * q + 8), st.g[3] = pair(r1, 2 * q + 8);
-  } else {
-    auto at = [&](int64_t row, int j) -> uint16_t { return row < m_end && j < r ? g[row * r + j] : uint16_t(0); };
-    st.g[0] = pack2(at(r0, 2 * q), at(r0, 2 * q + 1)), st.g[1] = pack2(at(r1, 2 * q), at(r1, 2 * q + 1));
-    st.g[2] = pack2(at(r0, 2 * q + 8), at(r0, 2 * q + 9)), st.g[3] = pack2(at(r1, 2 * q + 8), at(r1, 2 * q + 9));
+#pragma unroll
+  for (int s = 0; s < R / 16; ++s) {
+    const int j = 16 * s + 2 * q;
+    if (r == R) {  // rows of 2R bytes: the pairs as 4-byte loads
+      auto pair = [&](int64_t row, int jj) {
+        return row < m_end ? *reinterpret_cast<const uint32_t*>(g + row * R + jj) : 0u;
+      };
+      st.g[s][0] = pair(r0, j), st.g[s][1] = pair(r1, j), st.g[s][2] = pair(r0, j + 8), st.g[s][3] = pair(r1, j + 8);
+    } else {
+      auto at = [&](int64_t row, int jj) -> uint16_t {
+        return row < m_end && jj < r ? g[row * r + jj] : uint16_t(0);
+      };
+      st.g[s][0] = pack2(at(r0, j), at(r0, j + 1)), st.g[s][1] = pack2(at(r1, j), at(r1, j + 1));
+      st.g[s][2] = pack2(at(r0, j + 8), at(r0, j + 9)), st.g[s][3] = pack2(at(r1, j + 8), at(r1, j + 9));
+    }
   }
 }
 
 // One 32-column chunk per warp (8 warps: 256 columns per block), rows [y·rows_per_slice, +rows_per_slice)
 // in steps of 16, no barrier. Per step: x's 16×32 tile read once and masked; dx's tile written as
 // keep·ds·(g·A); gᵀ·(masked x) accumulated for dA (x's fragments transposed in registers to serve as the
-// mma's B operand).
-template <typename T, bool WRITE_DX>
+// mma's B operand). Ranks up to R, zero-padded: R / 16 k16 steps for g·A, R / 16 row tiles of dA.
+template <typename T, bool WRITE_DX, int R>
 __global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
     const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, const uint16_t* __restrict__ A,
     uint16_t* __restrict__ dx, float* __restrict__ partial, int64_t M, int64_t K, int r, int64_t rows_per_slice,
     const int64_t* __restrict__ seed, uint32_t threshold, float ds) {
+  constexpr int KS = R / 16, AHEAD = ahead_for_rank<R>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
   const int64_t chunk0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kChunk;
   const int64_t col = chunk0 + 8 * q;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
   const int64_t m_end = m_begin + rows_per_slice < M ? m_begin + rows_per_slice : M;
-  BackwardStep ring[kAhead];
+  BackwardStep<R> ring[AHEAD];
 #pragma unroll
-  for (int d = 0; d < kAhead; ++d) load_backward_step(ring[d], x, g, m_begin + 16 * d, m_end, col, K, r, grp, q);
-  // g·A's B operand for n-tile t: A[j][column of (grp, t)] for j = 2q, 2q+1 (first word) and 2q+8, 2q+9.
-  uint32_t bA[4][2];
+  for (int d = 0; d < AHEAD; ++d) load_backward_step<R>(ring[d], x, g, m_begin + 16 * d, m_end, col, K, r, grp, q);
+  // g·A's B operand for n-tile t and rank slice s: A[j][column of (grp, t)] for j = 16s + 2q, +1 (first
+  // word) and 16s + 2q + 8, +9.
+  uint32_t bA[4][KS][2];
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     const int64_t c = chunk0 + 8 * (grp / 2) + 2 * t + grp % 2;
     auto at = [&](int j) -> uint16_t { return j < r && c < K ? A[j * K + c] : uint16_t(0); };
-    bA[t][0] = pack2(at(2 * q), at(2 * q + 1));
-    bA[t][1] = pack2(at(2 * q + 8), at(2 * q + 9));
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      const int j = 16 * s + 2 * q;
+      bA[t][s][0] = pack2(at(j), at(j + 1));
+      bA[t][s][1] = pack2(at(j + 8), at(j + 9));
+    }
   }
   const int64_t s = *seed;
-  float acc[4][4] = {};  // dA[j][col + 2t + e]: j = grp (e < 2), grp + 8 (e >= 2)
-  for (int64_t m = m_begin; m < m_end; m += 16 * kAhead) {
+  float acc[KS][4][4] = {};  // dA[16·ks + j][col + 2t + e]: j = grp (e < 2), grp + 8 (e >= 2)
+  for (int64_t m = m_begin; m < m_end; m += 16 * AHEAD) {
 #pragma unroll
-    for (int d = 0; d < kAhead; ++d) {
+    for (int d = 0; d < AHEAD; ++d) {
       const int64_t mm = m + 16 * d;
       if (mm >= m_end) break;  // warp-uniform
-      BackwardStep& st = ring[d];
+      BackwardStep<R>& st = ring[d];
       const int64_t r0 = mm + grp, r1 = mm + grp + 8;
       uint32_t lo[4], hi[4], keep_lo[4], keep_hi[4];
       keep_words(dropout_row_hash(s, r0), col, threshold, keep_lo);
@@ -209,7 +216,8 @@ __global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
           float d4[4] = {};
-          mma_16816<T>(d4, st.g, bA[t][0], bA[t][1]);
+#pragma unroll
+          for (int ks = 0; ks < KS; ++ks) mma_16816<T>(d4, st.g[ks], bA[t][ks][0], bA[t][ks][1]);
           out_lo[t] = pack_rounded<T>(d4[0] * ds, d4[1] * ds) & keep_lo[t];
           out_hi[t] = pack_rounded<T>(d4[2] * ds, d4[3] * ds) & keep_hi[t];
         }
@@ -220,35 +228,43 @@ __global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
             *reinterpret_cast<uint4*>(dx + r1 * K + col) = make_uint4(out_hi[0], out_hi[1], out_hi[2], out_hi[3]);
         }
       }
-      // gᵀ as the A operand: the transposes of g's four 8×8 blocks, (j, m) quadrants in mma order.
-      const uint32_t gt[4] = {transpose_8x8(st.g[0]), transpose_8x8(st.g[2]), transpose_8x8(st.g[1]),
-                              transpose_8x8(st.g[3])};
+      uint32_t xt[4][2];  // masked x as the B operand of gᵀ·x, per n-tile
 #pragma unroll
-      for (int t = 0; t < 4; ++t) mma_16816<T>(acc[t], gt, transpose_8x8(lo[t]), transpose_8x8(hi[t]));
-      load_backward_step(st, x, g, mm + 16 * kAhead, m_end, col, K, r, grp, q);
+      for (int t = 0; t < 4; ++t) xt[t][0] = transpose_8x8(lo[t]), xt[t][1] = transpose_8x8(hi[t]);
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        // gᵀ as the A operand: the transposes of g's four 8×8 blocks, (j, m) quadrants in mma order.
+        const uint32_t gt[4] = {transpose_8x8(st.g[ks][0]), transpose_8x8(st.g[ks][2]),
+                                transpose_8x8(st.g[ks][1]), transpose_8x8(st.g[ks][3])};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) mma_16816<T>(acc[ks][t], gt, xt[t][0], xt[t][1]);
+      }
+      load_backward_step<R>(st, x, g, mm + 16 * AHEAD, m_end, col, K, r, grp, q);
     }
   }
   if (col < K) {
-    float* out = partial + static_cast<int64_t>(blockIdx.y) * kRank * K + col;
+    float* out = partial + static_cast<int64_t>(blockIdx.y) * R * K + col;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float* row = out + (grp + 8 * h) * K;
-      *reinterpret_cast<float4*>(row) = make_float4(acc[0][2 * h], acc[0][2 * h + 1], acc[1][2 * h], acc[1][2 * h + 1]);
-      *reinterpret_cast<float4*>(row + 4) =
-          make_float4(acc[2][2 * h], acc[2][2 * h + 1], acc[3][2 * h], acc[3][2 * h + 1]);
-    }
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* row = out + (16 * ks + grp + 8 * h) * K;
+        const float(&a)[4][4] = acc[ks];
+        *reinterpret_cast<float4*>(row) = make_float4(a[0][2 * h], a[0][2 * h + 1], a[1][2 * h], a[1][2 * h + 1]);
+        *reinterpret_cast<float4*>(row + 4) = make_float4(a[2][2 * h], a[2][2 * h + 1], a[3][2 * h], a[3][2 * h + 1]);
+      }
   }
 }
 
-// dA[j][k] = scale·Σ_slices partial[slice][j][k], slices added in order.
+// dA[j][k] = scale·Σ_slices partial[slice][j][k] (R rows per slice), slices added in order.
 template <typename TO>
-__global__ void reduce_slices_kernel(const float* __restrict__ partial, TO* __restrict__ dA, int slices, int r,
-                                     int64_t K, float scale) {
+__global__ void reduce_slices_kernel(const float* __restrict__ partial, TO* __restrict__ dA, int slices, int R,
+                                     int r, int64_t K, float scale) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= r * K) return;
   const int64_t j = i / K, k = i % K;
   float sum = 0.f;
-  for (int sl = 0; sl < slices; ++sl) sum += partial[(sl * kRank + j) * K + k];
+  for (int sl = 0; sl < slices; ++sl) sum += partial[(static_cast<int64_t>(sl) * R + j) * K + k];
   dA[i] = static_cast<TO>(sum * scale);
 }
 
@@ -267,7 +283,7 @@ int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCo
 bool masked_lowrank_supported(const at::Tensor& x, int64_t rank, double p) {
   const auto dt = x.scalar_type();
   return dropout_threshold(p) < (1u << 24) && x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) &&
-         x.dim() == 2 && rank <= kRank && x.size(1) % 8 == 0 && x.numel() > 0 && x.is_contiguous() &&
+         x.dim() == 2 && rank <= kMaxRank && x.size(1) % 8 == 0 && x.numel() > 0 && x.is_contiguous() &&
          aligned16(x.data_ptr()) && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
@@ -298,9 +314,10 @@ at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const a
           static_cast<float>(dropout_scale(p)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    // One 16-row tile per block, loads four steps ahead (two blocks per SM): 37 µs at 8192×4096 on an H100,
-    // where two tiles per block sharing A's loads (one block per SM) took 41 and two steps ahead ~38.
-    launch(masked_xa_kernel<T, 1, kAhead>, 16);
+    if (r <= 16)
+      launch(masked_xa_kernel<T, 16>, 16);
+    else
+      launch(masked_xa_kernel<T, 32>, 16);
   });
   return xa;
 }
@@ -319,14 +336,15 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
               "masked_backward: dx must be contiguous, aligned, of x's shape and dtype");
   TORCH_CHECK(a_dtype == at::kFloat || a_dtype == x.scalar_type(), "masked_backward: dA in float32 or x's dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  // Row slices enough for ~3 blocks per SM; each slice leaves one 16×K float32 partial of dA.
+  // Row slices enough for ~3 blocks per SM; each slice leaves one R×K float32 partial of dA.
+  const int R = r <= 16 ? 16 : 32;
   const int64_t col_blocks = (K + kWarps * kChunk - 1) / (kWarps * kChunk);
   const int64_t row_tiles = (M + 15) / 16;
   const int64_t per_col_block = (3 * sm_count() + col_blocks - 1) / col_blocks;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(row_tiles, per_col_block));
   const int64_t rows_per_slice = (row_tiles + want - 1) / want * 16;
   const int64_t slices = (M + rows_per_slice - 1) / rows_per_slice;
-  at::Tensor partial = at::empty({slices, kRank, K}, x.options().dtype(at::kFloat));
+  at::Tensor partial = at::empty({slices, R, K}, x.options().dtype(at::kFloat));
   at::Tensor dA = at::empty({r, K}, x.options().dtype(a_dtype));
   const float scale = static_cast<float>(s * dropout_scale(p));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -340,15 +358,15 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
           rows_per_slice, seed.data_ptr<int64_t>(), dropout_threshold(p), scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (dx != nullptr)
-      launch(masked_backward_kernel<T, true>);
+    if (R == 16)
+      dx != nullptr ? launch(masked_backward_kernel<T, true, 16>) : launch(masked_backward_kernel<T, false, 16>);
     else
-      launch(masked_backward_kernel<T, false>);
+      dx != nullptr ? launch(masked_backward_kernel<T, true, 32>) : launch(masked_backward_kernel<T, false, 32>);
     const unsigned blocks = static_cast<unsigned>((r * K + 255) / 256);
     auto reduce = [&](auto out_tag) {
       using TO = decltype(out_tag);
       reduce_slices_kernel<TO><<<blocks, 256, 0, stream>>>(partial.data_ptr<float>(), dA.data_ptr<TO>(),
-                                                           static_cast<int>(slices), r, K, scale);
+                                                           static_cast<int>(slices), R, r, K, scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (a_dtype == at::kFloat)
