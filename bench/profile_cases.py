@@ -121,10 +121,9 @@ def _guard(name, fn):
         return None
 
 
-def main(only=()):
+def main(only=(), r=16):
     torch.manual_seed(0)
     K = N = 4096
-    r = 16
     dev, dt = DEVICE, torch.bfloat16
     w = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
     a = (torch.randn(r, K, device=dev) / K**0.5).to(dt).requires_grad_()
@@ -195,5 +194,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", help="write the wall / GPU table of every target row to this markdown file")
     ap.add_argument("--only", nargs="+", default=(), help="profile only the cases whose names contain one of these")
+    ap.add_argument("--rank", type=int, default=16, help="the adapters' rank (profiled cases; the table keeps 16)")
     args = ap.parse_args()
-    host_table(args.table) if args.table else main(args.only)
+    host_table(args.table) if args.table else main(args.only, args.rank)
