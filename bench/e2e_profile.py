@@ -34,7 +34,8 @@ def _peft_layer(K, N, backend):
     return model.train()
 
 
-def _gpu_us_per_call(fn, calls=20):
+def _gpu_us_per_call(fn, calls=20, kernels=None):
+    """GPU µs per call; with a list `kernels`, (µs per call, name) of every kernel is appended to it."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -42,8 +43,10 @@ def _gpu_us_per_call(fn, calls=20):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return total / calls
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    if kernels is not None:
+        kernels += sorted(((e.self_device_time_total / calls, e.key) for e in events), reverse=True)
+    return sum(e.self_device_time_total for e in events) / calls
 
 
 def _wall_us_per_call(fn, calls=50):
@@ -60,7 +63,7 @@ def _wall_us_per_call(fn, calls=50):
     return statistics.median(runs)
 
 
-def layers(log):
+def layers(log, show_kernels=False):
     log("per layer, fwd+bwd, bf16, r=16, dropout 0.05: wall us per call back to back / GPU us per call")
     providers = [("peft", None), ("patched cuda", "cuda"), ("patched triton", "triton")]
     providers = [(n, b) for n, b in providers if b != "cuda" or lk.cuda_ext_available()]
@@ -73,8 +76,11 @@ def layers(log):
 
             def step():
                 model(x).backward(dy)
-            wall, gpu = _wall_us_per_call(step), _gpu_us_per_call(step)
+            kernels = [] if show_kernels else None
+            wall, gpu = _wall_us_per_call(step), _gpu_us_per_call(step, kernels=kernels)
             cells.append(f"{name} {wall:7.1f} / {gpu:6.1f}")
+            for us, kernel in kernels or ():
+                log(f"    {name} {M}x{K}->{N}: {us:7.2f} us  {kernel[:110]}")
         log(f"  {M}x{K}->{N}: " + " | ".join(cells))
 
 
@@ -107,6 +113,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers-only", action="store_true")
     ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="per layer shape, every kernel's GPU µs per call")
     ap.add_argument("--steps", nargs="+", default=["peft", "patched"], help="e2e variants to profile one step of")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -117,7 +124,7 @@ def main():
         lines.append(s)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__}, C++ extension {lk.cuda_ext_available()}")
     if not args.no_layers:
-        layers(log)
+        layers(log, args.kernels)
     if not args.layers_only:
         whole_step(log, args.out, args.steps)
     with open(os.path.join(args.out, "e2e-profile.log"), "w") as f:
