@@ -58,7 +58,7 @@ def _run_cases(cases, reps=20):
             continue
         gpu_us, events = _gpu_us(fn, reps)
         print(f"== {name}: GPU {gpu_us:.1f} us, wall {walls[name]:.1f} us per call")
-        for e in sorted(events, key=lambda e: -e.device_time_total)[:6]:
+        for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
             print(f"   {e.device_time_total / reps:9.1f} us  x{e.count // reps:<3d} {e.key[:90]}")
 
 
