@@ -27,7 +27,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRank = 32;  // ranks up to 16 are zero-padded to 16, up to 32 to 32 (R: the kernels' rank tile)
 constexpr int kChunk = 32;    // columns per warp step: 8 per lane of a group of 4
-constexpr int kBlocksPerSm = 2;  // the kernels' launch bounds: at most 128 registers a thread
 
 __device__ inline uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
@@ -76,7 +75,7 @@ struct XaStep {
 };
 
 template <typename T, int R>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_xa_kernel(const uint16_t* __restrict__ x,
+__global__ void __launch_bounds__(kThreads, 2) masked_xa_kernel(const uint16_t* __restrict__ x,
                                                                 const uint16_t* __restrict__ A, T* __restrict__ xa,
                                                                 int64_t M, int64_t K, int r,
                                                                 const int64_t* __restrict__ seed,
@@ -171,7 +170,7 @@ __device__ inline void load_backward_step(BackwardStep<R>& st, const uint16_t* x
 // keep·ds·(g·A); gᵀ·(masked x) accumulated for dA (x's fragments transposed in registers to serve as the
 // mma's B operand). Ranks up to R, zero-padded: R / 16 k16 steps for g·A, R / 16 row tiles of dA.
 template <typename T, bool WRITE_DX, int R>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_backward_kernel(
+__global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
     const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, const uint16_t* __restrict__ A,
     uint16_t* __restrict__ dx, float* __restrict__ partial, int64_t M, int64_t K, int r, int64_t rows_per_slice,
     const int64_t* __restrict__ seed, uint32_t threshold, float ds) {
@@ -337,12 +336,11 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
               "masked_backward: dx must be contiguous, aligned, of x's shape and dtype");
   TORCH_CHECK(a_dtype == at::kFloat || a_dtype == x.scalar_type(), "masked_backward: dA in float32 or x's dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  // Row slices for one wave of blocks (kBlocksPerSm per SM, the launch bounds' occupancy): equal blocks in
-  // 1.5 waves left a third of the SMs idle for the last one. Each slice leaves one R×K float32 partial.
+  // Row slices enough for ~3 blocks per SM; each slice leaves one R×K float32 partial of dA.
   const int R = r <= 16 ? 16 : 32;
   const int64_t col_blocks = (K + kWarps * kChunk - 1) / (kWarps * kChunk);
   const int64_t row_tiles = (M + 15) / 16;
-  const int64_t per_col_block = kBlocksPerSm * sm_count() / col_blocks;
+  const int64_t per_col_block = (3 * sm_count() + col_blocks - 1) / col_blocks;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(row_tiles, per_col_block));
   const int64_t rows_per_slice = (row_tiles + want - 1) / want * 16;
   const int64_t slices = (M + rows_per_slice - 1) / rows_per_slice;
