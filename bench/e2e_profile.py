@@ -63,10 +63,11 @@ def _wall_us_per_call(fn, calls=50):
     return statistics.median(runs)
 
 
-def layers(log, show_kernels=False):
+def layers(log, show_kernels=False, only=None):
     log("per layer, fwd+bwd, bf16, r=16, dropout 0.05: wall us per call back to back / GPU us per call")
     providers = [("peft", None), ("patched cuda", "cuda"), ("patched triton", "triton")]
-    providers = [(n, b) for n, b in providers if b != "cuda" or lk.cuda_ext_available()]
+    providers = [(n, b) for n, b in providers if (b != "cuda" or lk.cuda_ext_available()) and
+                 (not only or (b or "peft") in only)]
     for M, K, N in SHAPES:
         x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16)
@@ -114,6 +115,8 @@ def main():
     ap.add_argument("--layers-only", action="store_true")
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="per layer shape, every kernel's GPU µs per call")
+    ap.add_argument("--layer-providers", nargs="+", choices=["peft", "cuda", "triton"],
+                    help="the per-layer part's providers (default: all three)")
     ap.add_argument("--steps", nargs="+", default=["peft", "patched"], help="e2e variants to profile one step of")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -124,7 +127,7 @@ def main():
         lines.append(s)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__}, C++ extension {lk.cuda_ext_available()}")
     if not args.no_layers:
-        layers(log, args.kernels)
+        layers(log, args.kernels, args.layer_providers)
     if not args.layers_only:
         whole_step(log, args.out, args.steps)
     with open(os.path.join(args.out, "e2e-profile.log"), "w") as f:
