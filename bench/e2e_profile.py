@@ -1,7 +1,7 @@
 """Where a LoRA fine-tune step spends its time, on a GPU: host (wall) vs GPU kernel time.
 
 1. Per layer at the TinyLlama shapes (4096 rows; K -> N of 2048 -> 2048, 2048 -> 256, 2048 -> 5632,
-   5632 -> 2048), forward + backward with dropout 0.05: wall time per call issued back to back (host-bound
+   5632 -> 2048), forward + backward with dropout 0.05 (--dropout): wall time per call issued back to back (host-bound
    when it exceeds the GPU time) and GPU kernel time per call from the profiler, for peft's layer and the
    patched layer on each backend.
 2. One whole training step of the e2e model per provider under torch.profiler: wall, GPU-busy time,
@@ -20,12 +20,13 @@ import lora_kernels as lk
 SHAPES = [(4096, 2048, 2048), (4096, 2048, 256), (4096, 2048, 5632), (4096, 5632, 2048)]
 
 
-def _peft_layer(K, N, backend):
+def _peft_layer(K, N, backend, dropout=0.05):
     import peft
     net = torch.nn.Sequential()
     net.add_module("proj", torch.nn.Linear(K, N, bias=False))
     net = net.to("cuda", torch.bfloat16)
-    model = peft.get_peft_model(net, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["proj"]))
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["proj"])
+    model = peft.get_peft_model(net, config)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
@@ -63,8 +64,8 @@ def _wall_us_per_call(fn, calls=50):
     return statistics.median(runs)
 
 
-def layers(log, show_kernels=False, only=None):
-    log("per layer, fwd+bwd, bf16, r=16, dropout 0.05: wall us per call back to back / GPU us per call")
+def layers(log, show_kernels=False, only=None, dropout=0.05):
+    log(f"per layer, fwd+bwd, bf16, r=16, dropout {dropout}: wall us per call back to back / GPU us per call")
     providers = [("peft", None), ("patched cuda", "cuda"), ("patched triton", "triton")]
     providers = [(n, b) for n, b in providers if (b != "cuda" or lk.cuda_ext_available()) and
                  (not only or (b or "peft") in only)]
@@ -73,7 +74,7 @@ def layers(log, show_kernels=False, only=None):
         dy = torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16)
         cells = []
         for name, backend in providers:
-            model = _peft_layer(K, N, backend)
+            model = _peft_layer(K, N, backend, dropout)
 
             def step():
                 model(x).backward(dy)
@@ -117,6 +118,7 @@ def main():
     ap.add_argument("--kernels", action="store_true", help="per layer shape, every kernel's GPU µs per call")
     ap.add_argument("--layer-providers", nargs="+", choices=["peft", "cuda", "triton"],
                     help="the per-layer part's providers (default: all three)")
+    ap.add_argument("--dropout", type=float, default=0.05, help="the per-layer part's LoRA dropout")
     ap.add_argument("--steps", nargs="+", default=["peft", "patched"], help="e2e variants to profile one step of")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -127,7 +129,7 @@ def main():
         lines.append(s)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__}, C++ extension {lk.cuda_ext_available()}")
     if not args.no_layers:
-        layers(log, args.kernels, args.layer_providers)
+        layers(log, args.kernels, args.layer_providers, args.dropout)
     if not args.layers_only:
         whole_step(log, args.out, args.steps)
     with open(os.path.join(args.out, "e2e-profile.log"), "w") as f:
