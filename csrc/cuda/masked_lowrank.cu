@@ -141,6 +141,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_xa_kernel(
     const uint16_t* __restrict__ x, const uint16_t* __restrict__ A, T* __restrict__ xa, int64_t M, int64_t K, int r,
     const int64_t* __restrict__ seed, uint32_t threshold, float scale, LowRankOut out) {
   constexpr int NT = R / 8, AHEAD = ahead_for_rank<R>();
+  wait_for_predecessor();
+  allow_dependents();
   __shared__ float partial[kWarps][16][R];
   __shared__ __align__(16) uint16_t xa_rows[16][R];  // the block's x·Aᵀ rounded to T, for the low-rank output
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
@@ -241,6 +243,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_backward_kernel
     uint16_t* __restrict__ dx, float* __restrict__ partial, int64_t M, int64_t K, int r, int64_t rows_per_slice,
     const int64_t* __restrict__ seed, uint32_t threshold, float ds) {
   constexpr int KS = R / 16, AHEAD = ahead_for_rank<R>();
+  wait_for_predecessor();
+  allow_dependents();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
   const int64_t chunk0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kChunk;
   const int64_t col = chunk0 + 8 * q;
@@ -326,6 +330,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_backward_kernel
 template <typename TO>
 __global__ void reduce_slices_kernel(const float* __restrict__ partial, TO* __restrict__ dA, int slices, int R,
                                      int r, int64_t K, float scale) {
+  wait_for_predecessor();
+  allow_dependents();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= r * K) return;
   const int64_t j = i / K, k = i % K;
@@ -393,11 +399,10 @@ at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const a
   dispatch_16bit(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel, int rows_per_block) {
-      kernel<<<static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
-          reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(A.data_ptr()),
-          xa.data_ptr<T>(), M, K, r, seed.data_ptr<int64_t>(), dropout_threshold(p),
-          static_cast<float>(dropout_scale(p)), out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(kernel, dim3(static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block)), dim3(kThreads),
+                       stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(A.data_ptr()), xa.data_ptr<T>(), M, K, r,
+                       seed.data_ptr<int64_t>(), dropout_threshold(p), static_cast<float>(dropout_scale(p)), out);
     };
     if (r <= 16)
       launch(masked_xa_kernel<T, 16>, 16);
@@ -437,12 +442,12 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
   dispatch_16bit(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
-      kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices)), kThreads, 0, stream>>>(
-          reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(g.data_ptr()),
-          reinterpret_cast<const uint16_t*>(A.data_ptr()),
-          dx != nullptr ? reinterpret_cast<uint16_t*>(dx->data_ptr()) : nullptr, partial.data_ptr<float>(), M, K, r,
-          rows_per_slice, seed.data_ptr<int64_t>(), dropout_threshold(p), scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(kernel, dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices)), dim3(kThreads),
+                       stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(g.data_ptr()), reinterpret_cast<const uint16_t*>(A.data_ptr()),
+                       dx != nullptr ? reinterpret_cast<uint16_t*>(dx->data_ptr()) : nullptr,
+                       partial.data_ptr<float>(), M, K, r, rows_per_slice, seed.data_ptr<int64_t>(),
+                       dropout_threshold(p), scale);
     };
     if (R == 16)
       dx != nullptr ? launch(masked_backward_kernel<T, true, 16>) : launch(masked_backward_kernel<T, false, 16>);
@@ -451,9 +456,8 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
     const unsigned blocks = static_cast<unsigned>((r * K + 255) / 256);
     auto reduce = [&](auto out_tag) {
       using TO = decltype(out_tag);
-      reduce_slices_kernel<TO><<<blocks, 256, 0, stream>>>(partial.data_ptr<float>(), dA.data_ptr<TO>(),
-                                                           static_cast<int>(slices), R, r, K, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(reduce_slices_kernel<TO>, dim3(blocks), dim3(256), stream, partial.data_ptr<float>(),
+                       dA.data_ptr<TO>(), static_cast<int>(slices), R, r, K, scale);
     };
     if (a_dtype == at::kFloat)
       reduce(float{});
