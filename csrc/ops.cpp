@@ -152,6 +152,12 @@ at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::
   return op.call(x, *seed, p);
 }
 
+// The masked x·Aᵀ kernel writes y's low-rank term itself only for narrow outputs: each block walks its 16
+// rows' N columns with one dependent L2 load of B per step, so at N = 2048 the launch took 4.5 µs more than
+// the cuBLAS product it replaces and at 5632 19 µs more, while at 256 it saved 1.3 µs and a launch (H100,
+// 4096 rows, bench/NOTES.md "Session of 2026-12-07, second").
+constexpr int64_t kLowRankOutMaxN = 512;
+
 ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                            const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scaling,
                            double dropout_p, const c10::optional<at::Tensor>& seed) {
@@ -168,7 +174,7 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
     PreparedInputs in =
         prepare_lora_inputs_cuda(x, lora_A.contiguous(), lora_B.contiguous(), masked ? 0.0 : dropout_p, seed);
     xd = in.x, A = in.A, B = in.B;
-    if (masked && weight.size(0) % 8 == 0) {
+    if (masked && weight.size(0) % 8 == 0 && weight.size(0) <= kLowRankOutMaxN) {
       // x·Aᵀ and the low-rank output s·(x·Aᵀ)·Bᵀ + bias from one launch (no cuBLAS call reading x·Aᵀ back)
       y = at::empty({x.size(0), weight.size(0)}, x.options());
       const at::Tensor bias_t = bias.has_value() ? bias->to(dt).contiguous() : at::Tensor();

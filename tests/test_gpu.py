@@ -191,12 +191,13 @@ def test_cuda_masked_lowrank_kernels(dtype, M, K, r, adapter_fp32):
 
 @pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N, r, bias, adapter_fp32", [(8, 1, True, True), (36, 16, True, False), (1000, 5, False, True),
-                                                      (2056, 32, True, True), (4096, 17, False, False)])
+@pytest.mark.parametrize("N, r, bias, adapter_fp32", [(8, 1, True, True), (36, 16, True, False), (264, 5, False, True),
+                                                      (504, 32, True, True), (512, 17, False, False),
+                                                      (2056, 32, True, True)])
 def test_cuda_masked_forward_writes_the_lowrank_output(dtype, N, r, bias, adapter_fp32):
-    """The masked x·Aᵀ launch also writes y's low-rank term s·(x·Aᵀ)·Bᵀ + bias where N is a multiple of 8 (36
-    keeps the cuBLAS form): one 8-column output, chunks past N (1000, 2056), odd and padded ranks, with and
-    without bias, under the oracle rule (forward and gradients)."""
+    """The masked x·Aᵀ launch also writes y's low-rank term s·(x·Aᵀ)·Bᵀ + bias where N is a multiple of 8 and
+    at most 512 (36 and 2056 keep the cuBLAS form): one 8-column output, chunks past N (264, 504), odd and padded
+    ranks, with and without bias, under the oracle rule (forward and gradients)."""
     x, w, a, b, bb = make_inputs(300, 264, N, r, dtype, device="cuda", bias=bias,
                                  adapter_dtype=torch.float32 if adapter_fp32 else None)
     oracle_check(x, w, a, b, bb, scaling=0.5, dropout_p=0.1, backend="cuda", seed=N + r)
