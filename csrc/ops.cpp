@@ -152,13 +152,19 @@ at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::
   return op.call(x, *seed, p);
 }
 
+// The masked x·Aᵀ kernel writes y's low-rank term itself only for narrow outputs: each block walks its 16
+// rows' N columns with one dependent L2 load of B per step, so at N = 2048 the launch took 4.5 µs more than
+// the cuBLAS product it replaces and at 5632 19 µs more, while at 256 it saved 1.3 µs and a launch (H100,
+// 4096 rows, bench/NOTES.md "Session of 2026-12-07, second").
+constexpr int64_t kLowRankOutMaxN = 512;
+
 ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                            const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scaling,
                            double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_linear(x, weight, lora_A, lora_B, bias);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ", dropout_p);
   const auto dt = x.scalar_type();
-  at::Tensor xd, A, B, xa;
+  at::Tensor xd, A, B, xa, y;
 #ifdef LORA_KERNELS_WITH_CUDA
   if (x.is_cuda() && dt != at::kDouble && x.is_contiguous() && lora_A.scalar_type() == lora_B.scalar_type() &&
       (lora_A.scalar_type() == dt || lora_A.scalar_type() == at::kFloat)) {
@@ -168,7 +174,14 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
     PreparedInputs in =
         prepare_lora_inputs_cuda(x, lora_A.contiguous(), lora_B.contiguous(), masked ? 0.0 : dropout_p, seed);
     xd = in.x, A = in.A, B = in.B;
-    if (masked) xa = masked_xa_cuda(x, A, *seed, dropout_p);
+    if (masked && weight.size(0) % 8 == 0 && weight.size(0) <= kLowRankOutMaxN) {
+      // x·Aᵀ and the low-rank output s·(x·Aᵀ)·Bᵀ + bias from one launch (no cuBLAS call reading x·Aᵀ back)
+      y = at::empty({x.size(0), weight.size(0)}, x.options());
+      const at::Tensor bias_t = bias.has_value() ? bias->to(dt).contiguous() : at::Tensor();
+      xa = masked_xa_cuda(x, A, *seed, dropout_p, &y, &B, bias.has_value() ? &bias_t : nullptr, scaling);
+    } else if (masked) {
+      xa = masked_xa_cuda(x, A, *seed, dropout_p);
+    }
   } else
 #endif
   {
@@ -178,10 +191,9 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
   if (!xa.defined()) xa = at::mm(xd, A.t());
   // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
   // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
-  at::Tensor y;
-  if (bias.has_value()) {
+  if (!y.defined() && bias.has_value()) {  // (the masked kernel has written y where it is defined)
     y = at::addmm(bias->to(dt), xa, B.t(), /*beta=*/1.0, /*alpha=*/scaling);
-  } else {
+  } else if (!y.defined()) {
     y = at::empty({x.size(0), weight.size(0)}, x.options());
     at::addmm_out(y, y, xa, B.t(), /*beta=*/0.0, /*alpha=*/scaling);  // beta = 0: y's contents are ignored
   }

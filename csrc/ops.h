@@ -41,8 +41,12 @@ void dropout_pair_into(const at::Tensor& x, at::Tensor& out, at::Tensor& y, cons
 // cuda/masked_lowrank.cu: dropout's mask applied inside the low-rank products (16-bit x, contiguous and
 // 16-byte aligned, K a multiple of 8, ranks up to 32, sm_80+, p below 1 - 2^-25), dropout(x) never written.
 bool masked_lowrank_supported(const at::Tensor& x, int64_t rank, double p);
-// x·Aᵀ on dropout(x), in x's dtype (A in x's dtype).
-at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed, double p);
+// x·Aᵀ on dropout(x), in x's dtype (A in x's dtype). With y given ((M, N) of x's dtype, contiguous, 16-byte
+// aligned, N a multiple of 8), the same launch also writes y = s·(x·Aᵀ)·Bᵀ + bias (B (N, r) and bias (N,) in
+// x's dtype; bias may be null).
+at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed, double p,
+                          at::Tensor* y = nullptr, const at::Tensor* B = nullptr, const at::Tensor* bias = nullptr,
+                          double s = 0.0);
 // Returns dA = s·gᵀ·dropout(x) in a_dtype (float32 or x's dtype) and, with dx given, writes dx = mask ⊙ s·g·A
 // (g = dy·B, M×r, and A in x's dtype).
 at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g, const at::Tensor& lora_A,

@@ -190,6 +190,53 @@ def test_cuda_masked_lowrank_kernels(dtype, M, K, r, adapter_fp32):
 
 
 @pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, r, bias, adapter_fp32", [(8, 1, True, True), (36, 16, True, False), (264, 5, False, True),
+                                                      (504, 32, True, True), (512, 17, False, False),
+                                                      (2056, 32, True, True)])
+def test_cuda_masked_forward_writes_the_lowrank_output(dtype, N, r, bias, adapter_fp32):
+    """The masked x·Aᵀ launch also writes y's low-rank term s·(x·Aᵀ)·Bᵀ + bias where N is a multiple of 8 and
+    at most 512 (36 and 2056 keep the cuBLAS form): one 8-column output, chunks past N (264, 504), odd and padded
+    ranks, with and without bias, under the oracle rule (forward and gradients)."""
+    x, w, a, b, bb = make_inputs(300, 264, N, r, dtype, device="cuda", bias=bias,
+                                 adapter_dtype=torch.float32 if adapter_fp32 else None)
+    oracle_check(x, w, a, b, bb, scaling=0.5, dropout_p=0.1, backend="cuda", seed=N + r)
+
+
+@pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_masked_step_replays_bit_equal_in_a_cuda_graph(dtype):
+    """The masked path's kernels (adapter casts, masked x·Aᵀ with the low-rank output, masked backward, its
+    slice reduction) go out as programmatic dependent launches on Hopper: a forward + backward with a fixed
+    seed, captured in a CUDA graph and replayed on new inputs, gives the bits of the same calls run eagerly."""
+    torch.manual_seed(7)
+    x, w, a, b, bb = make_inputs(1000, 520, 264, 16, dtype, device="cuda", bias=True, adapter_dtype=torch.float32)
+    dy = torch.randn(1000, 264, device="cuda", dtype=dtype)
+    seed = torch.tensor(1234, device="cuda")
+    ops = torch.ops.lora_kernels
+
+    def step(inp):
+        y, xa, A, B = ops.linear_forward_saved(inp, w, a, b, bb, 0.5, 0.1, seed)
+        grads = ops.linear_backward_saved(dy, inp, w, A if A.numel() else a, B if B.numel() else b, xa, 0.5, True,
+                                          True, 0.1, seed, a.dtype, b.dtype)
+        return (y, xa) + tuple(grads)
+
+    static_x = x.clone()
+    step(static_x)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(static_x)
+    fresh = torch.randn_like(x)
+    static_x.copy_(fresh)
+    graph.replay()
+    eager = step(fresh)
+    torch.cuda.synchronize()
+    for got, want in zip(captured, eager):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not lk.cuda_ext_available(), reason="lora_kernels._C is not built")
 @pytest.mark.parametrize("M", [9, 12, 16])
 def test_cuda_9_to_16_rows_eager_and_captured(M):
     """Eager calls take the 16-row decode form, a CUDA-graph capture the composite (csrc/cuda/decode.cu); both

@@ -27,6 +27,8 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const T* __restrict__
                                                            uint32_t threshold, float scale, int x_blocks,
                                                            const TA* __restrict__ a, T* __restrict__ a_out, int64_t n_a,
                                                            const TA* __restrict__ b, T* __restrict__ b_out, int64_t n_b) {
+  wait_for_predecessor();
+  allow_dependents();
   if (static_cast<int>(blockIdx.x) < x_blocks) {
     dropout_rows<T, VEC>(x, xd, rows, cols, *seed, threshold, scale, blockIdx.x, x_blocks,
                          static_cast<int64_t>(threadIdx.x) * VEC, static_cast<int64_t>(blockDim.x) * VEC);
@@ -63,13 +65,13 @@ PreparedInputs prepare_lora_inputs_cuda(const at::Tensor& x, const at::Tensor& l
       constexpr int V = 16 / sizeof(scalar_t);
       const bool vec = cols % V == 0 && aligned16(x.data_ptr()) && aligned16(out.x.data_ptr());
       auto launch = [&](auto kernel) {
-        kernel<<<x_blocks + cast_blocks, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), drop ? out.x.data_ptr<scalar_t>() : nullptr, rows, cols,
-            drop ? seed->data_ptr<int64_t>() : nullptr, dropout_threshold(p), static_cast<float>(dropout_scale(p)),
-            x_blocks, cast ? lora_A.data_ptr<adapter_t>() : nullptr, cast ? out.A.data_ptr<scalar_t>() : nullptr,
+        launch_dependent(
+            kernel, dim3(x_blocks + cast_blocks), dim3(kThreads), stream, x.data_ptr<scalar_t>(),
+            drop ? out.x.data_ptr<scalar_t>() : nullptr, rows, cols, drop ? seed->data_ptr<int64_t>() : nullptr,
+            dropout_threshold(p), static_cast<float>(dropout_scale(p)), x_blocks,
+            cast ? lora_A.data_ptr<adapter_t>() : nullptr, cast ? out.A.data_ptr<scalar_t>() : nullptr,
             cast ? lora_A.numel() : 0, cast ? lora_B.data_ptr<adapter_t>() : nullptr,
             cast ? out.B.data_ptr<scalar_t>() : nullptr, cast ? lora_B.numel() : 0);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec)
         launch(prepare_kernel<scalar_t, adapter_t, V>);

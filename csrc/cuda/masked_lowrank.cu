@@ -1,6 +1,7 @@
 // Dropout's mask applied inside the low-rank products, so dropout(x) is never written or read back
 // (16-bit x, ranks up to 32, tensor cores):
-//   masked_xa        x·Aᵀ with the mask put on x as it is loaded (the forward: one read of x);
+//   masked_xa        x·Aᵀ with the mask put on x as it is loaded (the forward: one read of x), and from it
+//                    the low-rank output s·(x·Aᵀ)·Bᵀ + bias that the big GEMM then accumulates into;
 //   masked_backward  dA = s·gᵀ·dropout(x) and dx's low-rank term mask ⊙ s·g·A from one read of x and one
 //                    write of dx (the big GEMM then adds dy·W into dx with beta = 1).
 // The mask is hash.h's (seed, row, col) function, one hash per element serving both uses. Sums over rows
@@ -27,6 +28,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRank = 32;  // ranks up to 16 are zero-padded to 16, up to 32 to 32 (R: the kernels' rank tile)
 constexpr int kChunk = 32;    // columns per warp step: 8 per lane of a group of 4
+constexpr int kBlocksPerSm = 2;  // the kernels' launch bounds: at most 128 registers a thread
 
 __device__ inline uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
@@ -64,6 +66,66 @@ __device__ inline uint32_t pack2(uint16_t lo, uint16_t hi) {
 template <int R>
 constexpr int ahead_for_rank() { return R <= 16 ? 4 : 2; }
 
+// The forward's low-rank output y = s·xa·Bᵀ (+ bias) in T, written by masked_xa's blocks right after their
+// 16 rows of xa: no second launch reading xa back, no cuBLAS call. B is (N, r) in T; y (M, N), N a multiple
+// of 8, 16-byte aligned.
+struct LowRankOut {
+  const uint16_t* B;
+  const uint16_t* bias;  // (N,) in T or null
+  uint16_t* y;           // null: xa only
+  int64_t N;
+  float s;
+};
+
+// Each warp takes 32-column chunks of y (w, w + 8, ...). B's columns are permuted as masked_backward's A
+// (n-tile t holds physical column 8(n/2) + 2t + n%2), so a lane's four n-tiles are 8 consecutive columns of
+// a row: one 16-byte store per row. xa (the rounded value the backward reads) is the A operand, as cuBLAS
+// would take it: float32 sums of exact products, scaled by s, bias added, rounded once.
+template <typename T, int R>
+__device__ inline void lowrank_rows_out(const uint16_t (&xa_rows)[16][R], const LowRankOut& out, int64_t row0,
+                                        int64_t M, int r, int warp, int grp, int q) {
+  constexpr int KS = R / 16;
+  uint32_t a[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int j = 16 * ks + 2 * q;
+    auto pair = [&](int row, int jj) { return *reinterpret_cast<const uint32_t*>(&xa_rows[row][jj]); };
+    a[ks][0] = pair(grp, j), a[ks][1] = pair(grp + 8, j), a[ks][2] = pair(grp, j + 8), a[ks][3] = pair(grp + 8, j + 8);
+  }
+  const int64_t N = out.N;
+  auto b_pair = [&](int64_t c, int j) -> uint32_t {  // B[c][j], B[c][j + 1], zeros past N and r
+    if (c >= N || j >= r) return 0u;
+    const uint16_t* row = out.B + c * r;
+    if (r % 2 == 0) return *reinterpret_cast<const uint32_t*>(row + j);  // even r: pairs 4-byte aligned
+    return pack2(row[j], j + 1 < r ? row[j + 1] : uint16_t(0));
+  };
+  auto bias_at = [&](int64_t c) {
+    return out.bias != nullptr ? static_cast<float>(FloatBits<T>::make(out.bias[c])) : 0.f;
+  };
+  const int64_t r0 = row0 + grp, r1 = row0 + grp + 8;
+  for (int64_t chunk = static_cast<int64_t>(warp) * kChunk; chunk < N; chunk += kWarps * kChunk) {
+    const int64_t col = chunk + 8 * q;
+    uint32_t lo[4], hi[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int64_t c = chunk + 8 * (grp / 2) + 2 * t + grp % 2;
+      float d4[4] = {};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const int j = 16 * ks + 2 * q;
+        mma_16816<T>(d4, a[ks], b_pair(c, j), b_pair(c, j + 8));
+      }
+      const float b0 = col < N ? bias_at(col + 2 * t) : 0.f, b1 = col < N ? bias_at(col + 2 * t + 1) : 0.f;
+      lo[t] = pack_rounded<T>(d4[0] * out.s + b0, d4[1] * out.s + b1);
+      hi[t] = pack_rounded<T>(d4[2] * out.s + b0, d4[3] * out.s + b1);
+    }
+    if (col < N) {
+      if (r0 < M) *reinterpret_cast<uint4*>(out.y + r0 * N + col) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      if (r1 < M) *reinterpret_cast<uint4*>(out.y + r1 * N + col) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    }
+  }
+}
+
 // xa = scale·(keep ⊙ x)·Aᵀ for ranks up to R (zero-padded). A block takes 16 rows; its warps split the
 // columns (chunks w, w + 8, ...) and add their partial sums in shared memory in warp order. 37 µs at
 // 8192×4096, R = 16, on an H100, where two 16-row tiles per block sharing A's loads (one block per SM)
@@ -75,13 +137,14 @@ struct XaStep {
 };
 
 template <typename T, int R>
-__global__ void __launch_bounds__(kThreads, 2) masked_xa_kernel(const uint16_t* __restrict__ x,
-                                                                const uint16_t* __restrict__ A, T* __restrict__ xa,
-                                                                int64_t M, int64_t K, int r,
-                                                                const int64_t* __restrict__ seed,
-                                                                uint32_t threshold, float scale) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_xa_kernel(
+    const uint16_t* __restrict__ x, const uint16_t* __restrict__ A, T* __restrict__ xa, int64_t M, int64_t K, int r,
+    const int64_t* __restrict__ seed, uint32_t threshold, float scale, LowRankOut out) {
   constexpr int NT = R / 8, AHEAD = ahead_for_rank<R>();
+  wait_for_predecessor();
+  allow_dependents();
   __shared__ float partial[kWarps][16][R];
+  __shared__ __align__(16) uint16_t xa_rows[16][R];  // the block's x·Aᵀ rounded to T, for the low-rank output
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
   const uint32_t row_hash[2] = {dropout_row_hash(*seed, row0 + grp), dropout_row_hash(*seed, row0 + 8 + grp)};
@@ -129,8 +192,13 @@ __global__ void __launch_bounds__(kThreads, 2) masked_xa_kernel(const uint16_t* 
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += partial[w][row][j];
-    if (row0 + row < M && j < r) xa[(row0 + row) * r + j] = static_cast<T>(sum * scale);
+    const T rounded = static_cast<T>(sum * scale);
+    if (row0 + row < M && j < r) xa[(row0 + row) * r + j] = rounded;
+    xa_rows[row][j] = j < r ? FloatBits<T>::get(rounded) : uint16_t(0);
   }
+  if (out.y == nullptr) return;
+  __syncthreads();
+  lowrank_rows_out<T, R>(xa_rows, out, row0, M, r, warp, grp, q);
 }
 
 // One 16-row step of the backward: x's rows grp and grp + 8 (this lane's 8 columns) and g's A-operand
@@ -170,11 +238,13 @@ __device__ inline void load_backward_step(BackwardStep<R>& st, const uint16_t* x
 // keep·ds·(g·A); gᵀ·(masked x) accumulated for dA (x's fragments transposed in registers to serve as the
 // mma's B operand). Ranks up to R, zero-padded: R / 16 k16 steps for g·A, R / 16 row tiles of dA.
 template <typename T, bool WRITE_DX, int R>
-__global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) masked_backward_kernel(
     const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, const uint16_t* __restrict__ A,
     uint16_t* __restrict__ dx, float* __restrict__ partial, int64_t M, int64_t K, int r, int64_t rows_per_slice,
     const int64_t* __restrict__ seed, uint32_t threshold, float ds) {
   constexpr int KS = R / 16, AHEAD = ahead_for_rank<R>();
+  wait_for_predecessor();
+  allow_dependents();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, q = lane % 4;
   const int64_t chunk0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kChunk;
   const int64_t col = chunk0 + 8 * q;
@@ -260,6 +330,8 @@ __global__ void __launch_bounds__(kThreads, 2) masked_backward_kernel(
 template <typename TO>
 __global__ void reduce_slices_kernel(const float* __restrict__ partial, TO* __restrict__ dA, int slices, int R,
                                      int r, int64_t K, float scale) {
+  wait_for_predecessor();
+  allow_dependents();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= r * K) return;
   const int64_t j = i / K, k = i % K;
@@ -297,22 +369,40 @@ at::Tensor adapter_rows(const at::Tensor& x, const at::Tensor& A) {
 }
 }  // namespace
 
-at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed, double p) {
+at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& seed, double p,
+                          at::Tensor* y, const at::Tensor* B, const at::Tensor* bias, double s) {
   TORCH_CHECK(dropout_threshold(p) < (1u << 24), "masked_xa: dropout_p too close to 1");
   const at::Tensor A = adapter_rows(x, lora_A);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   const int r = static_cast<int>(A.size(0));
   at::Tensor xa = at::empty({M, r}, x.options());
+  LowRankOut out{nullptr, nullptr, nullptr, 0, static_cast<float>(s)};
+  at::Tensor b_rows;
+  if (y != nullptr) {
+    TORCH_CHECK(B != nullptr && B->dim() == 2 && B->size(1) == r && B->scalar_type() == x.scalar_type(),
+                "masked_xa: B must be (N, r) in x's dtype");
+    const int64_t N = B->size(0);
+    TORCH_CHECK(N % 8 == 0 && y->is_contiguous() && y->sizes() == at::IntArrayRef({M, N}) &&
+                    y->scalar_type() == x.scalar_type() && aligned16(y->data_ptr()),
+                "masked_xa: y must be a contiguous, 16-byte aligned (M, N) tensor of x's dtype, N a multiple of 8");
+    TORCH_CHECK(bias == nullptr || (bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type()),
+                "masked_xa: bias must be a contiguous (N,) tensor of x's dtype");
+    // B's row pairs are read as 4-byte words: a contiguous copy only for an odd view
+    b_rows = B->is_contiguous() && reinterpret_cast<uintptr_t>(B->data_ptr()) % 4 == 0
+                 ? *B : B->clone(at::MemoryFormat::Contiguous);
+    out = LowRankOut{reinterpret_cast<const uint16_t*>(b_rows.data_ptr()),
+                     bias != nullptr ? reinterpret_cast<const uint16_t*>(bias->data_ptr()) : nullptr,
+                     reinterpret_cast<uint16_t*>(y->data_ptr()), N, static_cast<float>(s)};
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_16bit(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel, int rows_per_block) {
-      kernel<<<static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block), kThreads, 0, stream>>>(
-          reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(A.data_ptr()),
-          xa.data_ptr<T>(), M, K, r, seed.data_ptr<int64_t>(), dropout_threshold(p),
-          static_cast<float>(dropout_scale(p)));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(kernel, dim3(static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block)), dim3(kThreads),
+                       stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(A.data_ptr()), xa.data_ptr<T>(), M, K, r,
+                       seed.data_ptr<int64_t>(), dropout_threshold(p), static_cast<float>(dropout_scale(p)), out);
     };
     if (r <= 16)
       launch(masked_xa_kernel<T, 16>, 16);
@@ -336,11 +426,12 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
               "masked_backward: dx must be contiguous, aligned, of x's shape and dtype");
   TORCH_CHECK(a_dtype == at::kFloat || a_dtype == x.scalar_type(), "masked_backward: dA in float32 or x's dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  // Row slices enough for ~3 blocks per SM; each slice leaves one R×K float32 partial of dA.
+  // Row slices for one wave of blocks (kBlocksPerSm per SM, the launch bounds' occupancy): equal blocks in
+  // 1.5 waves left a third of the SMs idle for the last one. Each slice leaves one R×K float32 partial.
   const int R = r <= 16 ? 16 : 32;
   const int64_t col_blocks = (K + kWarps * kChunk - 1) / (kWarps * kChunk);
   const int64_t row_tiles = (M + 15) / 16;
-  const int64_t per_col_block = (3 * sm_count() + col_blocks - 1) / col_blocks;
+  const int64_t per_col_block = kBlocksPerSm * sm_count() / col_blocks;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(row_tiles, per_col_block));
   const int64_t rows_per_slice = (row_tiles + want - 1) / want * 16;
   const int64_t slices = (M + rows_per_slice - 1) / rows_per_slice;
@@ -351,12 +442,12 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
   dispatch_16bit(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
-      kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices)), kThreads, 0, stream>>>(
-          reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<const uint16_t*>(g.data_ptr()),
-          reinterpret_cast<const uint16_t*>(A.data_ptr()),
-          dx != nullptr ? reinterpret_cast<uint16_t*>(dx->data_ptr()) : nullptr, partial.data_ptr<float>(), M, K, r,
-          rows_per_slice, seed.data_ptr<int64_t>(), dropout_threshold(p), scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(kernel, dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices)), dim3(kThreads),
+                       stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(g.data_ptr()), reinterpret_cast<const uint16_t*>(A.data_ptr()),
+                       dx != nullptr ? reinterpret_cast<uint16_t*>(dx->data_ptr()) : nullptr,
+                       partial.data_ptr<float>(), M, K, r, rows_per_slice, seed.data_ptr<int64_t>(),
+                       dropout_threshold(p), scale);
     };
     if (R == 16)
       dx != nullptr ? launch(masked_backward_kernel<T, true, 16>) : launch(masked_backward_kernel<T, false, 16>);
@@ -365,9 +456,8 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
     const unsigned blocks = static_cast<unsigned>((r * K + 255) / 256);
     auto reduce = [&](auto out_tag) {
       using TO = decltype(out_tag);
-      reduce_slices_kernel<TO><<<blocks, 256, 0, stream>>>(partial.data_ptr<float>(), dA.data_ptr<TO>(),
-                                                           static_cast<int>(slices), R, r, K, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_dependent(reduce_slices_kernel<TO>, dim3(blocks), dim3(256), stream, partial.data_ptr<float>(),
+                       dA.data_ptr<TO>(), static_cast<int>(slices), R, r, K, scale);
     };
     if (a_dtype == at::kFloat)
       reduce(float{});
