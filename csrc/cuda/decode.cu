@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     lowrank_rows_kernel(const T* __restrict__ x, const TA* __restrict__ A, float* __restrict__ xa, int M, int64_t K,
                         int R, int64_t slice_k) {
   __shared__ float partial[ROWS][kWarpsPerBlock];
-  pdl_launch_dependents();  // the decode kernel streams W meanwhile and waits for xa only at its end
+  allow_dependents();  // the decode kernel streams W meanwhile and waits for xa only at its end
   const int j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float acc[ROWS];
 #pragma unroll

@@ -66,7 +66,7 @@ PreparedInputs prepare_lora_inputs_cuda(const at::Tensor& x, const at::Tensor& l
       const bool vec = cols % V == 0 && aligned16(x.data_ptr()) && aligned16(out.x.data_ptr());
       auto launch = [&](auto kernel) {
         launch_dependent(
-            kernel, dim3(x_blocks + cast_blocks), dim3(kThreads), stream, x.data_ptr<scalar_t>(),
+            kernel, dim3(x_blocks + cast_blocks), dim3(kThreads), 0, stream, x.data_ptr<scalar_t>(),
             drop ? out.x.data_ptr<scalar_t>() : nullptr, rows, cols, drop ? seed->data_ptr<int64_t>() : nullptr,
             dropout_threshold(p), static_cast<float>(dropout_scale(p)), x_blocks,
             cast ? lora_A.data_ptr<adapter_t>() : nullptr, cast ? out.A.data_ptr<scalar_t>() : nullptr,

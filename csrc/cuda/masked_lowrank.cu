@@ -386,7 +386,8 @@ at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const a
     TORCH_CHECK(N % 8 == 0 && y->is_contiguous() && y->sizes() == at::IntArrayRef({M, N}) &&
                     y->scalar_type() == x.scalar_type() && aligned16(y->data_ptr()),
                 "masked_xa: y must be a contiguous, 16-byte aligned (M, N) tensor of x's dtype, N a multiple of 8");
-    TORCH_CHECK(bias == nullptr || (bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type()),
+    TORCH_CHECK(bias == nullptr ||
+                    (bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type()),
                 "masked_xa: bias must be a contiguous (N,) tensor of x's dtype");
     // B's row pairs are read as 4-byte words: a contiguous copy only for an odd view
     b_rows = B->is_contiguous() && reinterpret_cast<uintptr_t>(B->data_ptr()) % 4 == 0
@@ -400,7 +401,7 @@ at::Tensor masked_xa_cuda(const at::Tensor& x, const at::Tensor& lora_A, const a
     using T = decltype(tag);
     auto launch = [&](auto kernel, int rows_per_block) {
       launch_dependent(kernel, dim3(static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block)), dim3(kThreads),
-                       stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                       0, stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
                        reinterpret_cast<const uint16_t*>(A.data_ptr()), xa.data_ptr<T>(), M, K, r,
                        seed.data_ptr<int64_t>(), dropout_threshold(p), static_cast<float>(dropout_scale(p)), out);
     };
@@ -443,7 +444,7 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
       launch_dependent(kernel, dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices)), dim3(kThreads),
-                       stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                       0, stream, reinterpret_cast<const uint16_t*>(x.data_ptr()),
                        reinterpret_cast<const uint16_t*>(g.data_ptr()), reinterpret_cast<const uint16_t*>(A.data_ptr()),
                        dx != nullptr ? reinterpret_cast<uint16_t*>(dx->data_ptr()) : nullptr,
                        partial.data_ptr<float>(), M, K, r, rows_per_slice, seed.data_ptr<int64_t>(),
@@ -456,7 +457,7 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
     const unsigned blocks = static_cast<unsigned>((r * K + 255) / 256);
     auto reduce = [&](auto out_tag) {
       using TO = decltype(out_tag);
-      launch_dependent(reduce_slices_kernel<TO>, dim3(blocks), dim3(256), stream, partial.data_ptr<float>(),
+      launch_dependent(reduce_slices_kernel<TO>, dim3(blocks), dim3(256), 0, stream, partial.data_ptr<float>(),
                        dA.data_ptr<TO>(), static_cast<int>(slices), R, r, K, scale);
     };
     if (a_dtype == at::kFloat)

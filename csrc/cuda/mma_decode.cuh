@@ -14,19 +14,6 @@
 namespace lora_kernels {
 namespace {
 
-// Programmatic dependent launch (Hopper): a kernel launched with the programmatic-serialization attribute may
-// start while the kernel before it runs, up to its pdl_wait (which waits for that kernel's completion and
-// its writes). Both are no-ops without the attribute and before sm_90.
-__device__ inline void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ inline void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // NF4 codes are looked up in a shared-memory table held once per bank (value q of lane l at codes[q][l]: no
 // bank conflicts), scaled by their block's absmax and rounded to T (two per cvt) into the mma's A fragments:
@@ -241,7 +228,7 @@ __global__ void __launch_bounds__(MmaDecode<F>::kWarps * 32, 2)
     partial[warp][2 * i][g + 8] = c[2], partial[warp][2 * i + 1][g + 8] = c[3];
     partial[warp][2 * i + 8][g] = c_hi[0], partial[warp][2 * i + 9][g] = c_hi[1];
     partial[warp][2 * i + 8][g + 8] = c_hi[2], partial[warp][2 * i + 9][g + 8] = c_hi[3];
-    pdl_wait();  // the x·Aᵀ slices: written by the kernel that may have run until now beside this one
+    wait_for_predecessor();  // the x·Aᵀ slices: written by the kernel that may have run until now beside this one
     for (int t = threadIdx.x; t < M * R; t += blockDim.x) {
       float v = 0.f;
       for (int sl = 0; sl < xa_slices; ++sl) v += xa[static_cast<int64_t>(sl) * M * R + t];
@@ -256,7 +243,8 @@ __global__ void __launch_bounds__(MmaDecode<F>::kWarps * 32, 2)
   const int col = threadIdx.x % 16, m = threadIdx.x / 16;
   const int64_t n = n0 + col;
   if (m < M && n < N) {
-    if constexpr (!X16) pdl_wait();  // xa: written by the x·Aᵀ kernel, which may have run until now beside this one
+    // xa: written by the x·Aᵀ kernel, which may have run until now beside this one
+    if constexpr (!X16) wait_for_predecessor();
     const float* xam = X16 ? xa_sum + m * R : xa + m * R;
     float v = 0.f;
 #pragma unroll
@@ -272,18 +260,9 @@ void launch_mma_decode(const T* x, const void* w, const void* absmax, const floa
                        const float* absmax2, float offset, const float* xa, const TB* lora_B, const T* bias, T* y,
                        int64_t M, int64_t K, int64_t N, int R, float scale, cudaStream_t stream, int xa_slices = 1,
                        float* xa_out = nullptr) {
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((N + 15) / 16));
-  cfg.blockDim = dim3(MmaDecode<F>::kWarps * 32);
-  cfg.stream = stream;
-  cfg.attrs = pdl;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mma_decode_kernel<T, TB, F, X16>, x, static_cast<const uint8_t*>(w),
-                                    absmax, code, code2, absmax2, offset, xa, lora_B, bias, y, static_cast<int>(M), K,
-                                    N, R, scale, xa_slices, xa_out));
+  launch_dependent(mma_decode_kernel<T, TB, F, X16>, dim3(static_cast<unsigned>((N + 15) / 16)),
+                   dim3(MmaDecode<F>::kWarps * 32), 0, stream, x, static_cast<const uint8_t*>(w), absmax, code, code2,
+                   absmax2, offset, xa, lora_B, bias, y, static_cast<int>(M), K, N, R, scale, xa_slices, xa_out);
 }
 
 }  // namespace
