@@ -14,7 +14,6 @@
 namespace lora_kernels {
 namespace {
 
-
 // NF4 codes are looked up in a shared-memory table held once per bank (value q of lane l at codes[q][l]: no
 // bank conflicts), scaled by their block's absmax and rounded to T (two per cvt) into the mma's A fragments:
 // ~6 SASS instructions per element, where a warp-per-column form with float32 FMAs took 8.8.
