@@ -26,6 +26,20 @@ def _loaded_libstdcxx():
     return None
 
 
+def _cutlass_includes():
+    """CUTLASS's header folders (the nvidia-cutlass wheel's copy, or $CUTLASS_PATH), or None: without them the
+    one-GEMM LoRA kernel (csrc/cuda/lowrank_gemm.cu) is left out and the cuBLAS forms serve alone."""
+    root = os.environ.get("CUTLASS_PATH")
+    if not root:
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    return dirs if all(os.path.isdir(d) for d in dirs) else None
+
+
 def _cuda_ext():
     if os.environ.get("LORA_KERNELS_NO_EXT") == "1":
         print("lora_kernels: LORA_KERNELS_NO_EXT=1, pure-Python install (no CUDA extension)", file=sys.stderr)
@@ -53,10 +67,18 @@ def _cuda_ext():
     gencode = []
     for a in archs:
         gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+    macros = [("LORA_KERNELS_WITH_CUDA", None), ("LORA_KERNELS_PYTHON_MODULE", None)]
+    cutlass = _cutlass_includes()
+    if cutlass and "90a" in archs:
+        include_dirs += cutlass
+        macros.append(("LORA_KERNELS_WITH_CUTLASS", None))
+    else:
+        print("lora_kernels: building without the CUTLASS one-GEMM kernel (" +
+              ("no sm_90a in LORA_KERNELS_ARCHS" if cutlass else "no CUTLASS headers: pip install nvidia-cutlass")
+              + ")", file=sys.stderr)
     libstdcxx = _loaded_libstdcxx()
     ext = CUDAExtension(
-        "lora_kernels._C", sources, include_dirs=include_dirs,
-        define_macros=[("LORA_KERNELS_WITH_CUDA", None), ("LORA_KERNELS_PYTHON_MODULE", None)],
+        "lora_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
         extra_compile_args={"cxx": ["-O3"],
                             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode},
         extra_link_args=[libstdcxx] if libstdcxx else [],

@@ -16,5 +16,8 @@ $PY -m pip install -q "$@"
 if [ -z "${CUDA_HOME:-}" ]; then
   for d in /usr/local/cuda-13.0 /usr/local/cuda; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME=$d && break; done
 fi
+# CUTLASS's headers (the nvidia-cutlass wheel, without its Python tooling's dependencies) for the Hopper one-GEMM
+# kernel; setup.py leaves that kernel out where they are missing.
+$PY -m pip install -q --no-deps "nvidia-cutlass==4.2.0"
 $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^\s*$" || true
 $PY -c "import lora_kernels as lk; print('lora_kernels', lk.__version__, '| CUDA extension built:', lk.cuda_ext_available())"

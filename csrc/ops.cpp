@@ -5,6 +5,8 @@
 
 #include <ATen/Parallel.h>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "checks.h"
@@ -158,6 +160,19 @@ at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::
 // 4096 rows, bench/NOTES.md "Session of 2026-12-07, second").
 constexpr int64_t kLowRankOutMaxN = 512;
 
+#ifdef LORA_KERNELS_WITH_CUTLASS
+// The one-GEMM forms (cuda/lowrank_gemm.cu) where they take the inputs, with LORA_KERNELS_CUTLASS=1 (opt-in
+// until its speed is measured against the cuBLAS pair); otherwise the pair: the low-rank product, then the big
+// GEMM with beta = 1. Read once per process.
+bool lowrank_gemm_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORA_KERNELS_CUTLASS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+#endif
+
 ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                            const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scaling,
                            double dropout_p, const c10::optional<at::Tensor>& seed) {
@@ -189,6 +204,10 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
     xd = apply_dropout(x, dropout_p, seed);
   }
   if (!xa.defined()) xa = at::mm(xd, A.t());
+#ifdef LORA_KERNELS_WITH_CUTLASS
+  if (!y.defined() && lowrank_gemm_enabled() && lowrank_gemm_supported(x, weight, xa, /*weight_kmajor=*/true))
+    return {lowrank_gemm_cuda(x, weight, xa, B, bias, scaling, /*weight_kmajor=*/true), xa, A, B};
+#endif
   // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
   // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
   if (!y.defined() && bias.has_value()) {  // (the masked kernel has written y where it is defined)
@@ -226,16 +245,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   // puts the mask on it in place while it writes dropout(x) for cuBLAS's dA.
   at::Tensor dx = dy.new_empty({0});
   at::Tensor xd, dA;
-  if (need_dx && on_gpu) dx = at::empty({g.size(0), A.size(1)}, g.options());
+  // dx = dy·W + mask ⊙ s·g·A as one GEMM, the masked low-rank term added in its epilogue, where it can be.
+  bool one_gemm_dx = false;
+#ifdef LORA_KERNELS_WITH_CUTLASS
+  one_gemm_dx = need_dx && on_gpu && (dropout_p == 0.0 || seed.has_value()) && lowrank_gemm_enabled() &&
+                dropout_threshold(dropout_p) < (1u << 24) &&
+                lowrank_gemm_supported(dy, weight, g, /*weight_kmajor=*/false);
+#endif
+  if (need_dx && on_gpu && !one_gemm_dx) dx = at::empty({g.size(0), A.size(1)}, g.options());
 #ifdef LORA_KERNELS_WITH_CUDA
   // 16-bit x, rank <= 32: one kernel reads x once for dA and writes dx's masked low-rank term.
   const at::Tensor xc = on_gpu && dropout_p > 0.0 && seed.has_value() ? x.contiguous() : x;
   if (on_gpu && dropout_p > 0.0 && seed.has_value() && g.scalar_type() == x.scalar_type() &&
       masked_lowrank_supported(xc, A.size(0), dropout_p))
-    dA = masked_lowrank_backward_cuda(xc, g, A, need_dx ? &dx : nullptr, *seed, dropout_p, scaling, a_dtype);
+    dA = masked_lowrank_backward_cuda(xc, g, A, need_dx && !one_gemm_dx ? &dx : nullptr, *seed, dropout_p, scaling,
+                                      a_dtype);
 #endif
   if (!dA.defined()) {
-    if (need_dx && on_gpu) {
+    if (need_dx && on_gpu && !one_gemm_dx) {
       at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
 #ifdef LORA_KERNELS_WITH_CUDA
       if (dropout_p > 0.0 && seed.has_value()) {
@@ -249,7 +276,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   }
   at::Tensor dB = scaled_mm(dy.t(), xa, scaling, b_dtype);
   if (need_dx) {
-    if (on_gpu) {
+    if (one_gemm_dx) {
+#ifdef LORA_KERNELS_WITH_CUTLASS
+      dx = lowrank_gemm_cuda(dy, weight, g, A.t().contiguous(), c10::nullopt, scaling, /*weight_kmajor=*/false,
+                             dropout_p > 0.0 ? seed : c10::optional<at::Tensor>(), dropout_p);
+#endif
+    } else if (on_gpu) {
       dx.addmm_(dy, weight);
     } else {
       dx = apply_dropout(at::mm(g, A), dropout_p, seed);
@@ -275,6 +307,11 @@ TORCH_LIBRARY(lora_kernels, m) {
         " bool need_dx, bool need_dbias, float dropout_p, Tensor? seed, ScalarType a_dtype, ScalarType b_dtype)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+#ifdef LORA_KERNELS_WITH_CUTLASS
+  // CUDA only (sm_90a): a·Wᵀ (weight_kmajor) or a·W, plus scale·u·bᵀ + bias, in one GEMM (cuda/lowrank_gemm.cu).
+  m.def("lowrank_gemm(Tensor a, Tensor weight, Tensor u, Tensor b, Tensor? bias, float scale, bool weight_kmajor,"
+        " Tensor? seed=None, float p=0.0) -> Tensor");
+#endif
   // CUDA only: the 4-bit (NF4) forward for 1 to 4 rows (cuda/decode.cu); the Python layer picks it by timing.
   m.def("nf4_decode(Tensor x, Tensor packed, Tensor absmax, Tensor code, int N, Tensor lora_A, Tensor lora_B,"
         " Tensor? bias, float scaling, Tensor? code2=None, Tensor? absmax2=None, float offset=0.0)"
@@ -295,6 +332,9 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("linear_backward", &lora_kernels::linear_backward);
   m.impl("linear_forward_saved", &lora_kernels::linear_forward_saved);
   m.impl("linear_backward_saved", &lora_kernels::linear_backward_saved);
+#ifdef LORA_KERNELS_WITH_CUTLASS
+  m.impl("lowrank_gemm", &lora_kernels::lowrank_gemm_cuda);
+#endif
 }
 #endif
 

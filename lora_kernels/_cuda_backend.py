@@ -2,18 +2,28 @@
 
 What runs where: merge_/unmerge_ are CUDA kernels; the forward for M <= 8 (16-bit x; 2 for float32), and
 9-16 rows outside CUDA-graph captures, is a CUDA decode kernel that reads W once, and a 4-bit (NF4) W has one
-for 1-8 rows; larger M and the backward
-compose cuBLAS GEMMs in C++, the big GEMM accumulating into the low-rank product (no fused large-M CUDA
-kernel yet; the Triton backend has one). Dropout uses the shared (seed, row, col) mask through a CUDA
-kernel; it materialises dropout(x) for the x·Aᵀ product (transient, never saved).
+for 1-8 rows. For larger M on Hopper (16-bit, rank a multiple of 8 up to 32, built with CUTLASS's headers),
+y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and the backward's dx = dy·W + s·(dy·B)·A (dropout's mask on its rank-r term) are each
+one CUTLASS GEMM with the rank-r term in its epilogue (csrc/cuda/lowrank_gemm.cu); elsewhere cuBLAS GEMMs
+composed in C++, the big GEMM accumulating into the low-rank product. With dropout, x·Aᵀ and dA come from
+kernels that apply the shared (seed, row, col) mask as they load x (dropout(x) never written).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from . import _C  # noqa: F401 - loading registers torch.ops.lora_kernels.{merge_weight_, linear_*}
 
 _ops = torch.ops.lora_kernels
+
+if not hasattr(_ops, "lowrank_gemm") and torch.cuda.is_available() and any(
+        torch.cuda.get_device_capability(i)[0] == 9 for i in range(torch.cuda.device_count())):
+    warnings.warn("lora_kernels: the CUDA extension was built without CUTLASS's headers, so on this Hopper GPU the "
+                  "cuda backend's large forwards and dx run as two cuBLAS GEMMs each (the output written, then read "
+                  "back) instead of one; `pip install --no-deps nvidia-cutlass` and reinstall lora_kernels to build it",
+                  stacklevel=2)
 
 
 def eager_linear(x, weight, lora_A, lora_B, bias, scaling: float, dropout_p: float):
