@@ -25,7 +25,7 @@ def main(r=16):
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     for M, K, N in [(8192, 4096, 4096), (8192, 4096, 14336), (2048, 4096, 4096), (512, 4096, 4096),
-                    (4096, 2048, 5632)]:
+                    (4096, 2048, 5632), (256, 4096, 4096), (64, 4096, 4096)]:
         x = torch.randn(M, K, device=dev, dtype=dt)
         w = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
         a = (torch.randn(r, K, device=dev) / K**0.5).to(dt)
