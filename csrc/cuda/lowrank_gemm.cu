@@ -52,8 +52,9 @@ __device__ __forceinline__ void to_float8(const uint4& v, float4* dst) {
   dst[1] = make_float4(float(p[4]), float(p[5]), float(p[6]), float(p[7]));
 }
 
-__device__ __forceinline__ float dot4(const float4& a, const float4& b) {
-  return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, a.w * b.w)));
+// acc + a·b, one FMA per product
+__device__ __forceinline__ float fma4(const float4& a, const float4& b, float acc) {
+  return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
 }
 
 // Epilogue visitor node: element (m, n) of the tile gets s·Σ_r u[m, r]·B[n, r] + bias[n] (under dropout's mask
@@ -170,7 +171,7 @@ struct LowRankNode {
         if (q < 2 * params.rank_chunks) {
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < kSub; ++i)
-            sub[i] += dot4(smem->u[row(i) * kRowQuads + q], smem->b[col(i) * kRowQuads + q]);
+            sub[i] = fma4(smem->u[row(i) * kRowQuads + q], smem->b[col(i) * kRowQuads + q], sub[i]);
         }
       }
       CUTLASS_PRAGMA_UNROLL
