@@ -166,13 +166,13 @@ struct LowRankNode {
       auto col = [&](int i) { return cute::min(int(get<1>(c(i))), res_n - 1) + n0 - tile_n0; };
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) sub[i] = 0.f;
-      CUTLASS_PRAGMA_UNROLL
-      for (int q = 0; q < 2 * kMaxRankChunks; ++q) {
-        if (q < 2 * params.rank_chunks) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kSub; ++i)
-            sub[i] = fma4(smem->u[row(i) * kRowQuads + q], smem->b[col(i) * kRowQuads + q], sub[i]);
-        }
+      // A rolled loop over the rank: CUTLASS unrolls this function over every subtile of the tile, and fully
+      // unrolled ranks made ~250 KB of straight-line code per tile, fetched past the instruction cache.
+#pragma unroll 1
+      for (int q = 0; q < 2 * params.rank_chunks; ++q) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kSub; ++i)
+          sub[i] = fma4(smem->u[row(i) * kRowQuads + q], smem->b[col(i) * kRowQuads + q], sub[i]);
       }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) {
