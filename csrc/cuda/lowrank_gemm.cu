@@ -161,9 +161,10 @@ struct LowRankNode {
 
     CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
       Tensor c = tCcD(_, _, _, epi_m, epi_n);
-      // rows / columns inside the tile (clamped: out-of-range elements read row 0 and are zeroed below)
-      auto row = [&](int i) { return cute::min(int(get<0>(c(i))), res_m - 1) + m0 - tile_m0; };
-      auto col = [&](int i) { return cute::min(int(get<1>(c(i))), res_n - 1) + n0 - tile_n0; };
+      // rows / columns inside the tile, in [0, 128) for every element (the staged rows past M or N are zeros;
+      // clamping to the residue instead gave negative rows to threads with none in range: out-of-bounds reads)
+      auto row = [&](int i) { return int(get<0>(c(i))) + m0 - tile_m0; };
+      auto col = [&](int i) { return int(get<1>(c(i))) + n0 - tile_n0; };
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) sub[i] = 0.f;
       // A rolled loop over the rank: CUTLASS unrolls this function over every subtile of the tile, and fully
@@ -177,7 +178,7 @@ struct LowRankNode {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) {
         const auto crd = c(i);
-        const int m = m0 + cute::min(int(get<0>(crd)), res_m - 1), n = n0 + cute::min(int(get<1>(crd)), res_n - 1);
+        const int m = m0 + int(get<0>(crd)), n = n0 + int(get<1>(crd));
         const float bias = smem->bias[n - tile_n0];
         const bool keep = params.seed == nullptr || dropout_keep(seed, m, n, params.threshold);
         sub[i] = int(get<0>(crd)) < res_m && int(get<1>(crd)) < res_n ? fmaf(keep ? sub[i] : 0.f, params.scale, bias)
