@@ -44,29 +44,34 @@ using namespace cute;
 // Up to kMaxRankChunks × 8 ranks per call (16-byte loads of 8 values); larger ranks take the cuBLAS form.
 constexpr int kMaxRankChunks = 4;
 
+// 8 16-bit values (one 16-byte load) as two float4s in shared memory.
 template <class T>
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
-  const T* pa = reinterpret_cast<const T*>(&a);
-  const T* pb = reinterpret_cast<const T*>(&b);
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) s = fmaf(float(pa[i]), float(pb[i]), s);
-  return s;
+__device__ __forceinline__ void to_float8(const uint4& v, float4* dst) {
+  const T* p = reinterpret_cast<const T*>(&v);
+  dst[0] = make_float4(float(p[0]), float(p[1]), float(p[2]), float(p[3]));
+  dst[1] = make_float4(float(p[4]), float(p[5]), float(p[6]), float(p[7]));
+}
+
+// acc + a·b, one FMA per product
+__device__ __forceinline__ float fma4(const float4& a, const float4& b, float acc) {
+  return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
 }
 
 // Epilogue visitor node: element (m, n) of the tile gets s·Σ_r u[m, r]·B[n, r] + bias[n] (under dropout's mask
 // where a seed is given). Once per output tile the warp group copies the tile's 128 rows of u and 128 rows of B
-// (R values each) into shared memory with 16-byte loads, all in flight at once; each epilogue subtile then
+// (R values each) into shared memory (as float32) with 16-byte loads, all in flight at once; each epilogue subtile then
 // computes a thread's elements from there, chunk by chunk, so rows that several of its elements share are read
 // once. (Loading them from global memory per subtile left each subtile waiting on an L2 round trip: measured
 // 3-9x a cuBLAS GEMM, bench/NOTES.md.) The ping-pong kernel runs one warp group's epilogue at a time, so one
 // copy of the staging area serves both.
 template <class T, int kTileM, int kTileN>
 struct LowRankNode {
-  static constexpr int kRowWords = kMaxRankChunks + 1;  // 16-byte words per staged row (+1: fewer bank conflicts)
+  // Staged as float32 (converted once per tile, not once per use): a row is kMaxRankChunks × 8 floats plus one
+  // float4 of padding, so the 8 rows that a quarter-warp's 16-byte loads touch fall in distinct banks.
+  static constexpr int kRowQuads = kMaxRankChunks * 2 + 1;  // float4s per staged row
   struct SharedStorage {
-    alignas(16) uint4 u[kTileM * kRowWords];
-    alignas(16) uint4 b[kTileN * kRowWords];
+    alignas(16) float4 u[kTileM * kRowQuads];
+    alignas(16) float4 b[kTileN * kRowQuads];
     float bias[kTileN];
   };
   struct Arguments {
@@ -144,9 +149,9 @@ struct LowRankNode {
       }
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < kPerThread; ++j) {
-        const int i = thread + 128 * j, at = (i / kMaxRankChunks) * kRowWords + i % kMaxRankChunks;
-        smem->u[at] = vu[j];
-        smem->b[at] = vb[j];
+        const int i = thread + 128 * j, at = (i / kMaxRankChunks) * kRowQuads + 2 * (i % kMaxRankChunks);
+        to_float8<T>(vu[j], smem->u + at);
+        to_float8<T>(vb[j], smem->b + at);
       }
       for (int i = thread; i < kTileN; i += 128)
         smem->bias[i] = params.bias != nullptr && tile_n0 + i < N ? float(params.bias[tile_n0 + i]) : 0.f;
@@ -162,13 +167,13 @@ struct LowRankNode {
       auto col = [&](int i) { return int(get<1>(c(i))) + n0 - tile_n0; };
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) sub[i] = 0.f;
-      CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < kMaxRankChunks; ++k) {
-        if (k < params.rank_chunks) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kSub; ++i)
-            sub[i] += dot8<T>(smem->u[row(i) * kRowWords + k], smem->b[col(i) * kRowWords + k]);
-        }
+      // A rolled loop over the rank: CUTLASS unrolls this function over every subtile of the tile, and fully
+      // unrolled ranks made ~250 KB of straight-line code per tile, fetched past the instruction cache.
+#pragma unroll 1
+      for (int q = 0; q < 2 * params.rank_chunks; ++q) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kSub; ++i)
+          sub[i] = fma4(smem->u[row(i) * kRowQuads + q], smem->b[col(i) * kRowQuads + q], sub[i]);
       }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) {
