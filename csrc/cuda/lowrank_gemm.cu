@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -40,6 +41,16 @@
 namespace lora_kernels {
 namespace {
 using namespace cute;
+
+// The tile scheduler's swizzle (tiles of up to this many rows of tiles visited together, for L2 reuse of the
+// operands): LORA_KERNELS_CUTLASS_SWIZZLE, read once, for A/B runs; CUTLASS's default 1 otherwise.
+int tile_swizzle() {
+  static const int swizzle = [] {
+    const char* v = std::getenv("LORA_KERNELS_CUTLASS_SWIZZLE");
+    return v != nullptr ? std::max(1, std::atoi(v)) : 1;
+  }();
+  return swizzle;
+}
 
 // Up to kMaxRankChunks × 8 ranks per call (16-byte loads of 8 values); larger ranks take the cuBLAS form.
 constexpr int kMaxRankChunks = 4;
@@ -259,6 +270,7 @@ struct LowRankGemm {
                                   {reinterpret_cast<const T*>(a.data_ptr()), sa,
                                    reinterpret_cast<const T*>(w.data_ptr()), sb},
                                   {{{}, lr, {}}, nullptr, sd, reinterpret_cast<T*>(out.data_ptr()), sd}};
+    args.scheduler.max_swizzle_size = tile_swizzle();
     Gemm gemm;
     TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
                 "lowrank_gemm: the CUTLASS kernel cannot take these shapes / strides");
