@@ -70,11 +70,10 @@ __device__ __forceinline__ float fma4(const float4& a, const float4& b, float ac
 
 // Epilogue visitor node: element (m, n) of the tile gets s·Σ_r u[m, r]·B[n, r] + bias[n] (under dropout's mask
 // where a seed is given). Once per output tile the warp group copies the tile's 128 rows of u and 128 rows of B
-// (R values each) into shared memory (as float32) with 16-byte loads, all in flight at once; each epilogue subtile then
-// computes a thread's elements from there, chunk by chunk, so rows that several of its elements share are read
-// once. (Loading them from global memory per subtile left each subtile waiting on an L2 round trip: measured
-// 3-9x a cuBLAS GEMM, bench/NOTES.md.) The ping-pong kernel runs one warp group's epilogue at a time, so one
-// copy of the staging area serves both.
+// (R values each) into shared memory as float32, its 16-byte loads all in flight at once; each epilogue subtile
+// then computes a thread's elements from there, 4 ranks per step, rows that several of its elements share read
+// once. The ping-pong kernel runs one warp group's epilogue at a time, so one staging area serves both.
+// (Measured so far: slower than cuBLAS's pair of GEMMs, bench/NOTES.md; hence opt-in.)
 template <class T, int kTileM, int kTileN>
 struct LowRankNode {
   // Staged as float32 (converted once per tile, not once per use): a row is kMaxRankChunks × 8 floats plus one
@@ -179,7 +178,7 @@ struct LowRankNode {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kSub; ++i) sub[i] = 0.f;
       // A rolled loop over the rank: CUTLASS unrolls this function over every subtile of the tile, and fully
-      // unrolled ranks made ~250 KB of straight-line code per tile, fetched past the instruction cache.
+      // unrolled ranks made ~250 KB of straight-line code per tile (instruction fetch, the likely stall).
 #pragma unroll 1
       for (int q = 0; q < 2 * params.rank_chunks; ++q) {
         CUTLASS_PRAGMA_UNROLL
