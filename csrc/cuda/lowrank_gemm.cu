@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <utility>
 
 #include "cute/tensor.hpp"
