@@ -245,11 +245,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   // puts the mask on it in place while it writes dropout(x) for cuBLAS's dA.
   at::Tensor dx = dy.new_empty({0});
   at::Tensor xd, dA;
-  // dx = dy·W + mask ⊙ s·g·A as one GEMM, the masked low-rank term added in its epilogue, where it can be.
+  // Without dropout, dx = dy·W + s·g·A as one GEMM (the rank-r term its last K step), where it can be.
   bool one_gemm_dx = false;
 #ifdef LORA_KERNELS_WITH_CUTLASS
-  one_gemm_dx = need_dx && on_gpu && (dropout_p == 0.0 || seed.has_value()) && lowrank_gemm_enabled() &&
-                dropout_threshold(dropout_p) < (1u << 24) &&
+  one_gemm_dx = need_dx && on_gpu && dropout_p == 0.0 && lowrank_gemm_enabled() &&
                 lowrank_gemm_supported(dy, weight, g, /*weight_kmajor=*/false);
 #endif
   if (need_dx && on_gpu && !one_gemm_dx) dx = at::empty({g.size(0), A.size(1)}, g.options());
@@ -278,8 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   if (need_dx) {
     if (one_gemm_dx) {
 #ifdef LORA_KERNELS_WITH_CUTLASS
-      dx = lowrank_gemm_cuda(dy, weight, g, A.t().contiguous(), c10::nullopt, scaling, /*weight_kmajor=*/false,
-                             dropout_p > 0.0 ? seed : c10::optional<at::Tensor>(), dropout_p);
+      dx = lowrank_gemm_cuda(dy, weight, g, A.t(), c10::nullopt, scaling, /*weight_kmajor=*/false);
 #endif
     } else if (on_gpu) {
       dx.addmm_(dy, weight);
@@ -309,8 +307,8 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
 #ifdef LORA_KERNELS_WITH_CUTLASS
   // CUDA only (sm_90a): a·Wᵀ (weight_kmajor) or a·W, plus scale·u·bᵀ + bias, in one GEMM (cuda/lowrank_gemm.cu).
-  m.def("lowrank_gemm(Tensor a, Tensor weight, Tensor u, Tensor b, Tensor? bias, float scale, bool weight_kmajor,"
-        " Tensor? seed=None, float p=0.0) -> Tensor");
+  m.def("lowrank_gemm(Tensor a, Tensor weight, Tensor u, Tensor b, Tensor? bias, float scale, bool weight_kmajor)"
+        " -> Tensor");
 #endif
   // CUDA only: the 4-bit (NF4) forward for 1 to 4 rows (cuda/decode.cu); the Python layer picks it by timing.
   m.def("nf4_decode(Tensor x, Tensor packed, Tensor absmax, Tensor code, int N, Tensor lora_A, Tensor lora_B,"

@@ -54,14 +54,12 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
                                         at::ScalarType a_dtype);
 #endif
 #ifdef LORA_KERNELS_WITH_CUTLASS
-// cuda/lowrank_gemm.cu (Hopper, sm_90a): out = a·Wᵀ + s·u·bᵀ + bias in one GEMM, the rank-r term added in the
-// epilogue. weight_kmajor: W is (N, K) (a forward's x·Wᵀ); otherwise W is (K, N) (a backward's dy·W). a and u
-// (M×r) of one 16-bit dtype with unit inner stride, 16-byte aligned rows; r a multiple of 8 up to 32. With a
-// seed and p > 0 the rank-r term carries dropout's mask of (row, column) and 1/(1-p) (a backward's dx).
+// cuda/lowrank_gemm.cu (Hopper, sm_90a): out = a·Wᵀ + s·u·bᵀ + bias in one GEMM, the rank-r term its last K
+// step. weight_kmajor: W is (N, K) (a forward's x·Wᵀ); otherwise W is (K, N) (a backward's dy·W). a and u
+// (M×r) of one 16-bit dtype with unit inner stride, 16-byte aligned rows; r a multiple of 8 up to 256.
 bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, bool weight_kmajor);
 at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
-                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,
-                             const c10::optional<at::Tensor>& seed = c10::nullopt, double p = 0.0);
+                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor);
 #endif
 
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).

@@ -2,11 +2,11 @@
 
 What runs where: merge_/unmerge_ are CUDA kernels; the forward for M <= 8 (16-bit x; 2 for float32), and
 9-16 rows outside CUDA-graph captures, is a CUDA decode kernel that reads W once, and a 4-bit (NF4) W has one
-for 1-8 rows. For larger M on Hopper (16-bit, rank a multiple of 8 up to 32, built with CUTLASS's headers),
-y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and the backward's dx = dy·W + s·(dy·B)·A (dropout's mask on its rank-r term) are each
-one CUTLASS GEMM with the rank-r term in its epilogue (csrc/cuda/lowrank_gemm.cu) with LORA_KERNELS_CUTLASS=1
-(opt-in: measured slower than the cuBLAS pair so far); otherwise cuBLAS GEMMs composed in C++, the big GEMM
-accumulating into the low-rank product. With dropout, x·Aᵀ and dA come from
+for 1-8 rows. For larger M on Hopper (16-bit, rank a multiple of 8 up to 256, built with CUTLASS's headers),
+y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and, without dropout, the backward's dx = dy·W + s·(dy·B)·A are each one CUTLASS GEMM
+with the rank-r term as its last K step (csrc/cuda/lowrank_gemm.cu) with LORA_KERNELS_CUTLASS=1 (opt-in until
+measured faster than the cuBLAS pair); otherwise cuBLAS GEMMs composed in C++, the big GEMM accumulating into
+the low-rank product. With dropout, x·Aᵀ and dA come from
 kernels that apply the shared (seed, row, col) mask as they load x (dropout(x) never written).
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 // y = x·Wᵀ + s·u·Bᵀ (+ bias) in one GEMM on Hopper: a CUTLASS 3 warp-specialised (ping-pong) TMA GEMM whose
-// epilogue adds each output element's rank-R term from u (M×R) and B (N×R) while the other consumer warp group
-// runs its main loop. It replaces cuBLAS's y = s·u·Bᵀ (+ bias) then y += x·Wᵀ (beta = 1), which writes y and
-// reads it back: two passes over the output that this kernel does not make.
+// main loop takes the rank-R term as its last K step, u (M×R) and s·B (N×R) loaded like x's and W's tiles.
+// It replaces cuBLAS's y = s·u·Bᵀ (+ bias) then y += x·Wᵀ (beta = 1), which writes y and reads it back: two
+// passes over the output that this kernel does not make. (An earlier form added the term in the epilogue, on
+// the CUDA cores: 2.7-3.5× cuBLAS, bench/NOTES.md.)
 // Built only where the CUTLASS headers are found (setup.py: LORA_KERNELS_WITH_CUTLASS); sm_90a only.
 #ifdef LORA_KERNELS_WITH_CUTLASS
 // CUTLASS's device-side asserts become calls that serialise the wgmma pipeline (ptxas C7510).
@@ -9,7 +10,6 @@
 #define NDEBUG
 #endif
 #endif
-#include "hash.h"
 #include "ops.h"
 
 #ifdef LORA_KERNELS_WITH_CUTLASS
@@ -51,223 +51,195 @@ int tile_swizzle() {
   return swizzle;
 }
 
-// Up to kMaxRankChunks × 8 ranks per call (16-byte loads of 8 values); larger ranks take the cuBLAS form.
-constexpr int kMaxRankChunks = 4;
+// Ranks past this take the cuBLAS pair (each 64 ranks cost one more K step of the tile).
+constexpr int kMaxRank = 256;
 
-// 8 16-bit values (one 16-byte load) as two float4s in shared memory.
-template <class T>
-__device__ __forceinline__ void to_float8(const uint4& v, float4* dst) {
-  const T* p = reinterpret_cast<const T*>(&v);
-  dst[0] = make_float4(float(p[0]), float(p[1]), float(p[2]), float(p[3]));
-  dst[1] = make_float4(float(p[4]), float(p[5]), float(p[6]), float(p[7]));
-}
+// CUTLASS's TMA warp-specialised mainloop with the rank-R term as its last K step(s): the problem's K is a's K
+// rounded up to the tile's K plus ceil(R / tile K) tiles more, and for those the producer warp loads u's and v's
+// tiles (TMA, zero-filled past R) into the same pipeline stages that a's and w's tiles use. The consumer warp
+// groups run the base mainloop unchanged, so acc = a·wᵀ + u·vᵀ costs one extra K step of tensor-core work and
+// the epilogue is CUTLASS's own (bias only). The scale s is folded into v by the caller.
+template <class Base>
+struct LowRankTailMainloop : Base {
+  using ClusterShape = typename Base::DispatchPolicy::ClusterShape;
+  using typename Base::ElementA;
+  using typename Base::ElementB;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::StrideA;
+  using typename Base::StrideB;
+  using typename Base::TensorStorage;
+  using typename Base::TileShape;
+  using GmemTiledCopyA = typename Base::GmemTiledCopyA;
+  using GmemTiledCopyB = typename Base::GmemTiledCopyB;
 
-// acc + a·b, one FMA per product
-__device__ __forceinline__ float fma4(const float4& a, const float4& b, float acc) {
-  return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
-}
-
-// Epilogue visitor node: element (m, n) of the tile gets s·Σ_r u[m, r]·B[n, r] + bias[n] (under dropout's mask
-// where a seed is given). Once per output tile the warp group copies the tile's 128 rows of u and 128 rows of B
-// (R values each) into shared memory as float32, its 16-byte loads all in flight at once; each epilogue subtile
-// then computes a thread's elements from there, 4 ranks per step, rows that several of its elements share read
-// once. The ping-pong kernel runs one warp group's epilogue at a time, so one staging area serves both.
-// (Measured so far: slower than cuBLAS's pair of GEMMs, bench/NOTES.md; hence opt-in.)
-template <class T, int kTileM, int kTileN>
-struct LowRankNode {
-  // Staged as float32 (converted once per tile, not once per use): a row is kMaxRankChunks × 8 floats plus one
-  // float4 of padding, so the 8 rows that a quarter-warp's 16-byte loads touch fall in distinct banks.
-  static constexpr int kRowQuads = kMaxRankChunks * 2 + 1;  // float4s per staged row
-  struct SharedStorage {
-    alignas(16) float4 u[kTileM * kRowQuads];
-    alignas(16) float4 b[kTileN * kRowQuads];
-    float bias[kTileN];
+  struct Arguments : Base::Arguments {
+    ElementA const* ptr_U = nullptr;  // M×R, the A operand's layout
+    StrideA dU{};
+    ElementB const* ptr_V = nullptr;  // N×R in the B operand's layout (K-major: N×R rows; MN-major: R×N rows)
+    StrideB dV{};
+    int k_main = 0;                   // a's and w's K (the problem's K adds the tail's tiles)
+    int rank = 0;
   };
-  struct Arguments {
-    const T* u = nullptr;     // M×R, row stride ldu
-    const T* b = nullptr;     // N×R, row stride ldb
-    const T* bias = nullptr;  // N or null
-    float scale = 1.f;
-    int rank_chunks = 0;      // R / 8
-    int64_t ldu = 0, ldb = 0;
-    const int64_t* seed = nullptr;  // with it, element (m, n)'s term is kept or zeroed by dropout's mask
-    uint32_t threshold = 0;         // (hash.h; the kept scale 1/(1-p) is folded into scale)
-  };
-  using Params = Arguments;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) { return args; }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.rank_chunks > 0 && args.rank_chunks <= kMaxRankChunks;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-
-  CUTLASS_HOST_DEVICE LowRankNode() {}
-  CUTLASS_HOST_DEVICE LowRankNode(Params const& params, SharedStorage const& shared)
-      : params(params), smem(const_cast<SharedStorage*>(&shared)) {}
-  Params params;
-  SharedStorage* smem = nullptr;
-
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
-    return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
-  }
-
-  template <class CTensor>
-  struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::detail::EmptyConsumerStoreCallbacks {
-    CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCcD, int m0, int n0, int res_m, int res_n, int tile_m0,
-                                          int tile_n0, int M, int N, int thread, Params const& params,
-                                          SharedStorage* smem)
-        : tCcD(tCcD), m0(m0), n0(n0), res_m(res_m), res_n(res_n), tile_m0(tile_m0), tile_n0(tile_n0), M(M), N(N),
-          thread(thread), params(params), smem(smem) {}
-    CTensor tCcD;              // (CPY,CPY_M,CPY_N,EPI_M,EPI_N): coordinates relative to (m0, n0)
-    int m0, n0, res_m, res_n;  // this thread's first element, and the rows / columns left from it
-    int tile_m0, tile_n0, M, N, thread;
-    Params const& params;
-    SharedStorage* smem;
-    // this thread's elements of one epilogue subtile
-    static constexpr int kSub = decltype(cute::size(cute::take<0, 3>(
-        cute::remove_cvref_t<decltype(std::declval<CTensor>().shape())>{})))::value;
-    float sub[kSub];
-    int64_t seed = 0;
-
-    CUTLASS_DEVICE void begin() {
-      // every load issued before the first store (fixed trip counts, unrolled): one L2 round trip per tile
-      static_assert(kTileM == kTileN, "u's and B's rows are staged by one loop");
-      constexpr int kPerThread = kTileM * kMaxRankChunks / 128;
-      auto load = [&](const T* src, int64_t ld, int row, int rows, int k) {
-        return k < params.rank_chunks && row < rows ? __ldg(reinterpret_cast<const uint4*>(src + int64_t(row) * ld) + k)
-                                                    : make_uint4(0, 0, 0, 0);
-      };
-      uint4 vu[kPerThread], vb[kPerThread];
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kPerThread; ++j) {
-        const int i = thread + 128 * j, row = i / kMaxRankChunks, k = i % kMaxRankChunks;
-        vu[j] = load(params.u, params.ldu, tile_m0 + row, M, k);
-        vb[j] = load(params.b, params.ldb, tile_n0 + row, N, k);
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kPerThread; ++j) {
-        const int i = thread + 128 * j, at = (i / kMaxRankChunks) * kRowQuads + 2 * (i % kMaxRankChunks);
-        to_float8<T>(vu[j], smem->u + at);
-        to_float8<T>(vb[j], smem->b + at);
-      }
-      for (int i = thread; i < kTileN; i += 128)
-        smem->bias[i] = params.bias != nullptr && tile_n0 + i < N ? float(params.bias[tile_n0 + i]) : 0.f;
-      seed = params.seed != nullptr ? __ldg(params.seed) : 0;
-    }
-    CUTLASS_DEVICE bool begin_sync_needed() const { return true; }  // the staged rows visible to the warp group
-
-    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
-      Tensor c = tCcD(_, _, _, epi_m, epi_n);
-      // rows / columns inside the tile, in [0, 128) for every element (the staged rows past M or N are zeros;
-      // clamping to the residue instead gave negative rows to threads with none in range: out-of-bounds reads)
-      auto row = [&](int i) { return int(get<0>(c(i))) + m0 - tile_m0; };
-      auto col = [&](int i) { return int(get<1>(c(i))) + n0 - tile_n0; };
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kSub; ++i) sub[i] = 0.f;
-      // A rolled loop over the rank: CUTLASS unrolls this function over every subtile of the tile, and fully
-      // unrolled ranks made ~250 KB of straight-line code per tile (instruction fetch, the likely stall).
-#pragma unroll 1
-      for (int q = 0; q < 2 * params.rank_chunks; ++q) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kSub; ++i)
-          sub[i] = fma4(smem->u[row(i) * kRowQuads + q], smem->b[col(i) * kRowQuads + q], sub[i]);
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kSub; ++i) {
-        const auto crd = c(i);
-        const int m = m0 + int(get<0>(crd)), n = n0 + int(get<1>(crd));
-        const float bias = smem->bias[n - tile_n0];
-        const bool keep = params.seed == nullptr || dropout_keep(seed, m, n, params.threshold);
-        sub[i] = int(get<0>(crd)) < res_m && int(get<1>(crd)) < res_n ? fmaf(keep ? sub[i] : 0.f, params.scale, bias)
-                                                                       : 0.f;
-      }
-    }
-
-    template <typename ElementAccumulator, int FragmentSize>
-    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
-                                                             int epi_v, int, int) {
-      cutlass::Array<float, FragmentSize> out;
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) out[i] = sub[epi_v * FragmentSize + i];
-      return out;
-    }
+  struct Params : Base::Params {
+    typename Base::Params::TMA_A tma_load_u;
+    typename Base::Params::TMA_B tma_load_v;
+    int k_tiles_main = 0;
+    int rank = 0;
   };
 
-  template <bool ReferenceSrc, class... Args>
-  CUTLASS_DEVICE auto get_consumer_store_callbacks(
-      cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
-    auto [M, N, K, L] = args.problem_shape_mnkl;
-    auto [tm, tn, tk, tl] = args.tile_coord_mnkl;
-    const int res_m = int(get<0>(args.residue_tCcD)), res_n = int(get<1>(args.residue_tCcD));
-    return ConsumerStoreCallbacks<decltype(args.tCcD)>(args.tCcD, int(M) - res_m, int(N) - res_n, res_m, res_n,
-                                                       int(tm) * kTileM, int(tn) * kTileN, int(M), int(N),
-                                                       args.thread_idx % 128, params, smem);
+  static constexpr int kTileK = size<2>(TileShape{});
+  static int problem_k(int k_main, int rank) {
+    return (k_main + kTileK - 1) / kTileK * kTileK + (rank + kTileK - 1) / kTileK * kTileK;
+  }
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args, void* workspace) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    Params p{Base::to_underlying_arguments(make_shape(M, N, args.k_main, L), args, workspace),
+             make_tma_copy_A_sm90(GmemTiledCopyA{},
+                                  make_tensor(reinterpret_cast<typename Base::InternalElementA const*>(args.ptr_U),
+                                              make_layout(make_shape(M, args.rank, L), args.dU)),
+                                  SmemLayoutA{}(_, _, Int<0>{}), TileShape{}, ClusterShape{}),
+             make_tma_copy_B_sm90(GmemTiledCopyB{},
+                                  make_tensor(reinterpret_cast<typename Base::InternalElementB const*>(args.ptr_V),
+                                              make_layout(make_shape(N, args.rank, L), args.dV)),
+                                  SmemLayoutB{}(_, _, Int<0>{}), TileShape{}, ClusterShape{}),
+             (args.k_main + kTileK - 1) / kTileK, args.rank};
+    return p;
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    return args.rank > 0 && int(K) == problem_k(args.k_main, args.rank) &&
+           Base::can_implement(make_shape(M, N, args.k_main, L), args) &&
+           Base::can_implement(make_shape(M, N, args.rank, L), args);
+  }
+
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
+    Base::prefetch_tma_descriptors(params);
+    cute::prefetch_tma_descriptor(params.tma_load_u.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_load_v.get_tma_descriptor());
+  }
+
+  // (a, w over the problem's K, whose tail tiles are never read from them; u, v over R)
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
+    auto [M, N, K, L] = problem_shape_MNKL;
+    auto ab = Base::load_init(problem_shape_MNKL, params);
+    Tensor gU = local_tile(params.tma_load_u.get_tma_tensor(make_shape(M, params.rank, L)), TileShape{},
+                           make_coord(_, _, _), Step<_1, Underscore, _1>{});  // (BLK_M,BLK_K,m,k,l)
+    Tensor gV = local_tile(params.tma_load_v.get_tma_tensor(make_shape(N, params.rank, L)), TileShape{},
+                           make_coord(_, _, _), Step<Underscore, _1, _1>{});  // (BLK_N,BLK_K,n,k,l)
+    return cute::make_tuple(get<0>(ab), get<1>(ab), gU, gV);
+  }
+
+  // The producer: Base::load's loop, its K steps past a's tiles reading u's and v's instead.
+  template <class TensorA, class TensorB, class TensorU, class TensorV, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB, TensorU, TensorV> const& load_inputs,
+                           BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                           uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
+    constexpr uint32_t cluster_x = get<0>(ClusterShape{});
+    const uint2 cluster_id = {block_rank_in_cluster % cluster_x, block_rank_in_cluster / cluster_x};
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+    auto tma_a = params.tma_load_a.get_slice(cluster_id.y), tma_u = params.tma_load_u.get_slice(cluster_id.y);
+    auto tma_b = params.tma_load_b.get_slice(cluster_id.x), tma_v = params.tma_load_v.get_slice(cluster_id.x);
+    Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m_coord, _, l_coord));  // (TMA,TMA_M,TMA_K,k)
+    Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, l_coord));
+    Tensor tUgU = tma_u.partition_S(get<2>(load_inputs)(_, _, m_coord, _, l_coord));
+    Tensor tVgV = tma_v.partition_S(get<3>(load_inputs)(_, _, n_coord, _, l_coord));
+    Tensor tAsA = tma_a.partition_D(sA);  // (TMA,TMA_M,TMA_K,PIPE); u's tiles land in the same stages
+    Tensor tBsB = tma_b.partition_D(sB);
+    // the multicast masks: a's (and u's) tile goes to the cluster's blocks of one row, w's (v's) of one column
+    uint16_t mcast_a = 0, mcast_b = 0;
+    auto block_layout = Layout<ClusterShape>{};  // (m,n) -> block id
+    if constexpr (cute::is_same_v<GmemTiledCopyA, SM90_TMA_LOAD_MULTICAST>)
+      for (int n = 0; n < size<1>(block_layout); ++n) mcast_a |= uint16_t(1) << block_layout(cluster_id.x, n, Int<0>{});
+    if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>)
+      for (int m = 0; m < size<0>(block_layout); ++m) mcast_b |= uint16_t(1) << block_layout(m, cluster_id.y, Int<0>{});
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count, ++k_tile_iter) {
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      const int k = int(*k_tile_iter);
+      if (k < params.k_tiles_main) {
+        copy(params.tma_load_a.with(*barrier, mcast_a), tAgA(_, _, _, k), tAsA(_, _, _, stage));
+        copy(params.tma_load_b.with(*barrier, mcast_b), tBgB(_, _, _, k), tBsB(_, _, _, stage));
+      } else {
+        copy(params.tma_load_u.with(*barrier, mcast_a), tUgU(_, _, _, k - params.k_tiles_main), tAsA(_, _, _, stage));
+        copy(params.tma_load_v.with(*barrier, mcast_b), tVgV(_, _, _, k - params.k_tiles_main), tBsB(_, _, _, stage));
+      }
+      ++smem_pipe_write;
+    }
   }
 };
 
-// D = acc + low-rank term, rounded once to T.
-template <class T>
-using LowRankEpilogue = cutlass::epilogue::fusion::Sm90EVT<
-    cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, T, float, cutlass::FloatRoundStyle::round_to_nearest>,
-    cutlass::epilogue::fusion::Sm90AccFetch, LowRankNode<T, 128, 128>>;
-
-// WeightLayout: ColumnMajor for x·Wᵀ with W (N×K) row-major; RowMajor for dy·W with W as the (K_out × N) operand.
-template <class T, class WeightLayout>
-struct LowRankGemm {
+// The kernel's shape: tile, cluster and schedule (the mainloop's and the epilogue's must agree).
+struct PingpongConfig {
   using TileShape = Shape<_128, _128, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+// WeightLayout: ColumnMajor for x·Wᵀ with W (N×K) row-major; RowMajor for dy·W with W as the (K_out × N) operand.
+template <class T, class WeightLayout, class Config = PingpongConfig>
+struct LowRankGemm {
+  using TileShape = typename Config::TileShape;
+  using ClusterShape = typename Config::ClusterShape;
   static constexpr int kAlign = 8;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, kAlign, T,
-      cutlass::layout::RowMajor, kAlign, cutlass::epilogue::TmaWarpSpecialized, LowRankEpilogue<T>>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::layout::RowMajor, kAlign, typename Config::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinCombPerColBias<T, float, T>>::CollectiveOp;
+  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, kAlign, T, WeightLayout,
       kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
+      typename Config::KernelSchedule>::CollectiveOp;
+  using Mainloop = LowRankTailMainloop<BaseMainloop>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static void run(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
-                  const at::Tensor* bias, double scale, const at::Tensor* seed, double p, at::Tensor& out) {
-    const int M = int(a.size(0)), K = int(a.size(1)), N = int(out.size(1));
+  // out = a·w(ᵀ) + u·vᵀ + bias, v already scaled (N×R, or R×N for the RowMajor weight)
+  static void run(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
+                  const at::Tensor* bias, at::Tensor& out) {
+    const int M = int(a.size(0)), K = int(a.size(1)), N = int(out.size(1)), R = int(u.size(1));
     using StrideA = typename Gemm::GemmKernel::StrideA;
     using StrideB = typename Gemm::GemmKernel::StrideB;
     using StrideD = typename Gemm::GemmKernel::StrideD;
+    constexpr bool kKMajorB = std::is_same_v<WeightLayout, cutlass::layout::ColumnMajor>;
     StrideA sa = cutlass::make_cute_packed_stride(StrideA{}, make_shape(M, K, 1));
     get<0>(sa) = a.stride(0);
+    StrideA su = cutlass::make_cute_packed_stride(StrideA{}, make_shape(M, R, 1));
+    get<0>(su) = u.stride(0);
     StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K, 1));
+    StrideB sv = cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, R, 1));
+    get<kKMajorB ? 0 : 1>(sv) = v.stride(0);
     StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(M, N, 1));
-    typename LowRankNode<T, 128, 128>::Arguments lr;
-    lr.u = reinterpret_cast<const T*>(u.data_ptr());
-    lr.b = reinterpret_cast<const T*>(b.data_ptr());
-    lr.bias = bias != nullptr ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-    lr.scale = float(scale);
-    lr.rank_chunks = int(u.size(1) / 8);
-    lr.ldu = u.stride(0), lr.ldb = b.stride(0);
-    if (seed != nullptr) {
-      lr.seed = seed->data_ptr<int64_t>();
-      lr.threshold = dropout_threshold(p);
-      lr.scale = float(scale * dropout_scale(p));
-    }
+    typename Mainloop::Arguments ml;
+    static_cast<typename BaseMainloop::Arguments&>(ml) = {reinterpret_cast<const T*>(a.data_ptr()), sa,
+                                                          reinterpret_cast<const T*>(w.data_ptr()), sb};
+    ml.ptr_U = reinterpret_cast<const T*>(u.data_ptr()), ml.dU = su;
+    ml.ptr_V = reinterpret_cast<const T*>(v.data_ptr()), ml.dV = sv;
+    ml.k_main = K, ml.rank = R;
+    typename Epilogue::Arguments ep{};
+    ep.thread.alpha = 1.f, ep.thread.beta = 0.f;
+    ep.thread.bias_ptr = bias != nullptr ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+    ep.ptr_D = reinterpret_cast<T*>(out.data_ptr()), ep.dD = sd;
     typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                  {M, N, K, 1},
-                                  {reinterpret_cast<const T*>(a.data_ptr()), sa,
-                                   reinterpret_cast<const T*>(w.data_ptr()), sb},
-                                  {{{}, lr, {}}, nullptr, sd, reinterpret_cast<T*>(out.data_ptr()), sd}};
+                                  {M, N, Mainloop::problem_k(K, R), 1}, ml, ep};
+    args.hw_info.device_id = a.get_device();
+    args.hw_info.sm_count = at::cuda::getDeviceProperties(a.get_device())->multiProcessorCount;
     args.scheduler.max_swizzle_size = tile_swizzle();
     Gemm gemm;
     TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
@@ -289,7 +261,7 @@ bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::
   const auto dt = a.scalar_type();
   if ((dt != at::kBFloat16 && dt != at::kHalf) || w.scalar_type() != dt || u.scalar_type() != dt) return false;
   const int64_t r = u.size(1);
-  if (r % 8 != 0 || r / 8 > kMaxRankChunks) return false;
+  if (r == 0 || r % 8 != 0 || r > kMaxRank) return false;
   const auto* props = at::cuda::getDeviceProperties(a.get_device());
   if (props->major != 9) return false;  // sm_90a code only
   // TMA: 16-byte aligned bases and row strides, unit inner strides
@@ -301,35 +273,36 @@ bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::
 }
 
 at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
-                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,
-                             const c10::optional<at::Tensor>& seed, double p) {
+                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor) {
   TORCH_CHECK(lowrank_gemm_supported(a, w, u, weight_kmajor), "lowrank_gemm: unsupported inputs");
   const int64_t N = weight_kmajor ? w.size(0) : w.size(1);
   TORCH_CHECK(w.size(weight_kmajor ? 1 : 0) == a.size(1), "lowrank_gemm: inner dimensions differ");
-  TORCH_CHECK(u.size(0) == a.size(0) && b.size(0) == N && b.size(1) == u.size(1), "lowrank_gemm: factor shapes");
+  TORCH_CHECK(u.size(0) == a.size(0) && b.dim() == 2 && b.size(0) == N && b.size(1) == u.size(1),
+              "lowrank_gemm: factor shapes");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "lowrank_gemm: bias shape");
   const c10::cuda::CUDAGuard guard(a.device());
-  const at::Tensor bc = b.to(a.scalar_type()).contiguous();
+  const auto dt = a.scalar_type();
+  // v = s·b in the B operand's layout (N×R rows for x·Wᵀ, R×N rows for dy·W): s rides in the tail's K step,
+  // rounded once into v (one small pass over N×R values).
+  at::Tensor v = (weight_kmajor ? b : b.t()).mul(scale).to(dt).contiguous();
   at::Tensor bias_c;
-  if (bias.has_value()) bias_c = bias->to(a.scalar_type()).contiguous();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(bc.data_ptr()) % 16 == 0, "lowrank_gemm: B misaligned");
+  if (bias.has_value()) {
+    bias_c = bias->to(dt).contiguous();
+    if (reinterpret_cast<uintptr_t>(bias_c.data_ptr()) % 16 != 0) bias_c = bias_c.clone();  // vector loads
+  }
   at::Tensor out = at::empty({a.size(0), N}, a.options());
   if (a.size(0) == 0 || N == 0) return out;
   const at::Tensor* bp = bias.has_value() ? &bias_c : nullptr;
-  const bool masked = seed.has_value() && p > 0.0;
-  TORCH_CHECK(!masked || (seed->is_cuda() && seed->scalar_type() == at::kLong && seed->numel() == 1 &&
-                          dropout_threshold(p) < (1u << 24)),
-              "lowrank_gemm: seed must be one int64 on the GPU and p below 1 - 2^-25");
-  const at::Tensor* sp = masked ? &*seed : nullptr;
-  if (a.scalar_type() == at::kBFloat16) {
+  if (dt == at::kBFloat16) {
     if (weight_kmajor)
-      LowRankGemm<cutlass::bfloat16_t, cutlass::layout::ColumnMajor>::run(a, w, u, bc, bp, scale, sp, p, out);
+      LowRankGemm<cutlass::bfloat16_t, cutlass::layout::ColumnMajor>::run(a, w, u, v, bp, out);
     else
-      LowRankGemm<cutlass::bfloat16_t, cutlass::layout::RowMajor>::run(a, w, u, bc, bp, scale, sp, p, out);
+      LowRankGemm<cutlass::bfloat16_t, cutlass::layout::RowMajor>::run(a, w, u, v, bp, out);
   } else {
     if (weight_kmajor)
-      LowRankGemm<cutlass::half_t, cutlass::layout::ColumnMajor>::run(a, w, u, bc, bp, scale, sp, p, out);
+      LowRankGemm<cutlass::half_t, cutlass::layout::ColumnMajor>::run(a, w, u, v, bp, out);
     else
-      LowRankGemm<cutlass::half_t, cutlass::layout::RowMajor>::run(a, w, u, bc, bp, scale, sp, p, out);
+      LowRankGemm<cutlass::half_t, cutlass::layout::RowMajor>::run(a, w, u, v, bp, out);
   }
   return out;
 }
