@@ -48,7 +48,6 @@ def main():
         build(args.build)
         return
     from triton.testing import do_bench
-    import lora_kernels as lk
     mod = load_so(args.so)
     names = mod.names()
     print(torch.cuda.get_device_name(), flush=True)
