@@ -1,24 +1,17 @@
 // Tile / cluster / schedule variants of the one-GEMM kernel (csrc/cuda/lowrank_gemm.cu), bf16 forward form only,
-// for bench/sweep/lowrank_gemm_sweep.py: the package builds one of them; this module builds them all.
-#include "cuda/lowrank_gemm.cu"
+// for bench/sweep/lowrank_gemm_sweep.py: the package builds three (LowRankConfigs); this module builds six.
+#include "cuda/lowrank_gemm.cuh"
 
 #include <torch/extension.h>
 
 namespace lora_kernels {
 namespace {
 template <int TM, int TN, int CM, int CN, bool kCooperative>
-struct SweepConfig {
-  using TileShape = Shape<Int<TM>, Int<TN>, _64>;
-  using ClusterShape = Shape<Int<CM>, Int<CN>, _1>;
-  using KernelSchedule = std::conditional_t<kCooperative, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                                            cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
-  using EpilogueSchedule = std::conditional_t<kCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative,
-                                              cutlass::epilogue::TmaWarpSpecialized>;
-};
+using SweepConfig = lowrank::GemmConfig<TM, TN, CM, CN, kCooperative>;
 
 template <class Config>
 void run_config(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v, at::Tensor& out) {
-  LowRankGemm<cutlass::bfloat16_t, cutlass::layout::ColumnMajor, Config>::run(a, w, u, v, nullptr, out);
+  lowrank::LowRankGemm<cutlass::bfloat16_t, cutlass::layout::ColumnMajor, Config>::run(a, w, u, v, nullptr, out);
 }
 
 const char* kNames[] = {"pingpong 128x128 c2x1", "pingpong 128x128 c1x2", "cooperative 256x128 c2x1",
@@ -27,7 +20,7 @@ const char* kNames[] = {"pingpong 128x128 c2x1", "pingpong 128x128 c1x2", "coope
 // out = a·wᵀ + u·vᵀ (v already scaled; N×R)
 at::Tensor sweep_gemm(int64_t config, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u,
                       const at::Tensor& v) {
-  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && lowrank_gemm_supported(a, w, u, true), "sweep: unsupported");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && a.is_cuda(), "sweep: bf16 CUDA tensors");
   at::Tensor out = at::empty({a.size(0), w.size(0)}, a.options());
   switch (config) {
     case 0: run_config<SweepConfig<128, 128, 2, 1, false>>(a, w, u, v, out); break;

@@ -1,259 +1,120 @@
-// y = x·Wᵀ + s·u·Bᵀ (+ bias) in one GEMM on Hopper: a CUTLASS 3 warp-specialised (ping-pong) TMA GEMM whose
-// main loop takes the rank-R term as its last K step, u (M×R) and s·B (N×R) loaded like x's and W's tiles.
+// y = x·Wᵀ + s·u·Bᵀ (+ bias) in one GEMM on Hopper: a CUTLASS 3 warp-specialised TMA GEMM whose main loop takes
+// the rank-R term as its last K step, u (M×R) and s·B (N×R) loaded like x's and W's tiles (lowrank_gemm.cuh).
 // It replaces cuBLAS's y = s·u·Bᵀ (+ bias) then y += x·Wᵀ (beta = 1), which writes y and reads it back: two
-// passes over the output that this kernel does not make. (An earlier form added the term in the epilogue, on
-// the CUDA cores: 2.7-3.5× cuBLAS, bench/NOTES.md.)
+// passes over the output that this kernel does not make. No tile shape of it beats that pair at every size on
+// an H100, so each problem's first call times the shapes built in and the pair, and keeps the fastest.
 // Built only where the CUTLASS headers are found (setup.py: LORA_KERNELS_WITH_CUTLASS); sm_90a only.
-#ifdef LORA_KERNELS_WITH_CUTLASS
-// CUTLASS's device-side asserts become calls that serialise the wgmma pipeline (ptxas C7510).
-#ifndef NDEBUG
-#define NDEBUG
-#endif
-#endif
+#include "lowrank_gemm.cuh"
 #include "ops.h"
 
 #ifdef LORA_KERNELS_WITH_CUTLASS
-// torch's extension flags hide cuda_fp16's operators, which CUTLASS's numeric types use.
-#undef __CUDA_NO_HALF_OPERATORS__
-#undef __CUDA_NO_HALF_CONVERSIONS__
-#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
-#undef __CUDA_NO_HALF2_OPERATORS__
-
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
-#include <algorithm>
-#include <cstdlib>
-#include <utility>
-
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
 
 namespace lora_kernels {
 namespace {
-using namespace cute;
+constexpr int kPair = -1;  // the cuBLAS pair, as a candidate
 
-// The tile scheduler's swizzle (tiles of up to this many rows of tiles visited together, for L2 reuse of the
-// operands): LORA_KERNELS_CUTLASS_SWIZZLE, read once, for A/B runs; CUTLASS's default 1 otherwise.
-int tile_swizzle() {
-  static const int swizzle = [] {
-    const char* v = std::getenv("LORA_KERNELS_CUTLASS_SWIZZLE");
-    return v != nullptr ? std::max(1, std::atoi(v)) : 1;
+// LORA_KERNELS_CUTLASS_CONFIG=0..kLowRankConfigs-1 or "pair" forces one (A/B runs); read once.
+int forced_config() {
+  static const int forced = [] {
+    const char* v = std::getenv("LORA_KERNELS_CUTLASS_CONFIG");
+    if (v == nullptr || *v == '\0') return -2;
+    if (std::string(v) == "pair") return kPair;
+    const int i = std::atoi(v);
+    TORCH_CHECK(i >= 0 && i < kLowRankConfigs, "LORA_KERNELS_CUTLASS_CONFIG: expected 0..", kLowRankConfigs - 1,
+                " or pair, got ", v);
+    return i;
   }();
-  return swizzle;
+  return forced;
 }
 
-// Ranks past this take the cuBLAS pair (each 64 ranks cost one more K step of the tile).
-constexpr int kMaxRank = 256;
+template <size_t... I>
+void run_config(int config, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
+                const at::Tensor* bias, bool weight_kmajor, at::Tensor& out, std::index_sequence<I...>) {
+  ((config == int(I) ? run_lowrank_config<int(I)>(a, w, u, v, bias, weight_kmajor, out) : void()), ...);
+}
 
-// CUTLASS's TMA warp-specialised mainloop with the rank-R term as its last K step(s): the problem's K is a's K
-// rounded up to the tile's K plus ceil(R / tile K) tiles more, and for those the producer warp loads u's and v's
-// tiles (TMA, zero-filled past R) into the same pipeline stages that a's and w's tiles use. The consumer warp
-// groups run the base mainloop unchanged, so acc = a·wᵀ + u·vᵀ costs one extra K step of tensor-core work and
-// the epilogue is CUTLASS's own (bias only). The scale s is folded into v by the caller.
-template <class Base>
-struct LowRankTailMainloop : Base {
-  using ClusterShape = typename Base::DispatchPolicy::ClusterShape;
-  using typename Base::ElementA;
-  using typename Base::ElementB;
-  using typename Base::MainloopPipeline;
-  using typename Base::PipelineState;
-  using typename Base::SmemLayoutA;
-  using typename Base::SmemLayoutB;
-  using typename Base::StrideA;
-  using typename Base::StrideB;
-  using typename Base::TensorStorage;
-  using typename Base::TileShape;
-  using GmemTiledCopyA = typename Base::GmemTiledCopyA;
-  using GmemTiledCopyB = typename Base::GmemTiledCopyB;
-
-  struct Arguments : Base::Arguments {
-    ElementA const* ptr_U = nullptr;  // M×R, the A operand's layout
-    StrideA dU{};
-    ElementB const* ptr_V = nullptr;  // N×R in the B operand's layout (K-major: N×R rows; MN-major: R×N rows)
-    StrideB dV{};
-    int k_main = 0;                   // a's and w's K (the problem's K adds the tail's tiles)
-    int rank = 0;
-  };
-  struct Params : Base::Params {
-    typename Base::Params::TMA_A tma_load_u;
-    typename Base::Params::TMA_B tma_load_v;
-    int k_tiles_main = 0;
-    int rank = 0;
-  };
-
-  static constexpr int kTileK = size<2>(TileShape{});
-  static int problem_k(int k_main, int rank) {
-    return (k_main + kTileK - 1) / kTileK * kTileK + (rank + kTileK - 1) / kTileK * kTileK;
+// out = a·w(ᵀ) + u·vᵀ + bias by candidate `config` (v is s·b in the weight's layout)
+void run_candidate(int config, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
+                   const at::Tensor* bias, bool weight_kmajor, at::Tensor& out) {
+  if (config == kPair) {
+    const at::Tensor vt = weight_kmajor ? v.t() : v;  // (R, N)
+    if (bias != nullptr)
+      at::addmm_out(out, *bias, u, vt);
+    else
+      at::mm_out(out, u, vt);
+    out.addmm_(a, weight_kmajor ? w.t() : w);
+    return;
   }
+  run_config(config, a, w, u, v, bias, weight_kmajor, out, std::make_index_sequence<kLowRankConfigs>{});
+}
 
-  template <class ProblemShape>
-  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args, void* workspace) {
-    auto [M, N, K, L] = append<4>(problem_shape, 1);
-    Params p{Base::to_underlying_arguments(make_shape(M, N, args.k_main, L), args, workspace),
-             make_tma_copy_A_sm90(GmemTiledCopyA{},
-                                  make_tensor(reinterpret_cast<typename Base::InternalElementA const*>(args.ptr_U),
-                                              make_layout(make_shape(M, args.rank, L), args.dU)),
-                                  SmemLayoutA{}(_, _, Int<0>{}), TileShape{}, ClusterShape{}),
-             make_tma_copy_B_sm90(GmemTiledCopyB{},
-                                  make_tensor(reinterpret_cast<typename Base::InternalElementB const*>(args.ptr_V),
-                                              make_layout(make_shape(N, args.rank, L), args.dV)),
-                                  SmemLayoutB{}(_, _, Int<0>{}), TileShape{}, ClusterShape{}),
-             (args.k_main + kTileK - 1) / kTileK, args.rank};
-    return p;
+struct ProblemKey {
+  int64_t M, N, K, R;
+  int dtype, device;
+  bool weight_kmajor, bias;
+  bool operator==(const ProblemKey& o) const {
+    return M == o.M && N == o.N && K == o.K && R == o.R && dtype == o.dtype && device == o.device &&
+           weight_kmajor == o.weight_kmajor && bias == o.bias;
   }
-
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
-    auto [M, N, K, L] = append<4>(problem_shape, 1);
-    return args.rank > 0 && int(K) == problem_k(args.k_main, args.rank) &&
-           Base::can_implement(make_shape(M, N, args.k_main, L), args) &&
-           Base::can_implement(make_shape(M, N, args.rank, L), args);
+};
+struct ProblemHash {
+  size_t operator()(const ProblemKey& k) const {
+    size_t h = std::hash<int64_t>()(k.M);
+    for (int64_t x : {k.N, k.K, k.R, int64_t(k.dtype), int64_t(k.device), int64_t(k.weight_kmajor), int64_t(k.bias)})
+      h = h * 1000003u ^ std::hash<int64_t>()(x);
+    return h;
   }
+};
 
-  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
-    Base::prefetch_tma_descriptors(params);
-    cute::prefetch_tma_descriptor(params.tma_load_u.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(params.tma_load_v.get_tma_descriptor());
+// The candidate for this problem: timed on its first call (each candidate once to warm, then two interleaved
+// rounds of three calls, CUDA events on the current stream), kept per problem. Inside a CUDA-graph capture
+// nothing can be timed: the first tile shape runs and nothing is kept.
+int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
+                   const at::Tensor* bias, bool weight_kmajor, at::Tensor& out) {
+  if (forced_config() != -2) return forced_config();
+  const ProblemKey key{a.size(0), out.size(1), a.size(1), u.size(1), int(a.scalar_type()), a.get_device(),
+                       weight_kmajor, bias != nullptr};
+  static std::mutex mutex;
+  static std::unordered_map<ProblemKey, int, ProblemHash> picked;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = picked.find(key);
+    if (it != picked.end()) return it->second;
   }
-
-  // (a, w over the problem's K, whose tail tiles are never read from them; u, v over R)
-  template <class ProblemShape_MNKL>
-  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
-    auto [M, N, K, L] = problem_shape_MNKL;
-    auto ab = Base::load_init(problem_shape_MNKL, params);
-    Tensor gU = local_tile(params.tma_load_u.get_tma_tensor(make_shape(M, params.rank, L)), TileShape{},
-                           make_coord(_, _, _), Step<_1, Underscore, _1>{});  // (BLK_M,BLK_K,m,k,l)
-    Tensor gV = local_tile(params.tma_load_v.get_tma_tensor(make_shape(N, params.rank, L)), TileShape{},
-                           make_coord(_, _, _), Step<Underscore, _1, _1>{});  // (BLK_N,BLK_K,n,k,l)
-    return cute::make_tuple(get<0>(ab), get<1>(ab), gU, gV);
-  }
-
-  // The producer: Base::load's loop, its K steps past a's tiles reading u's and v's instead.
-  template <class TensorA, class TensorB, class TensorU, class TensorV, class KTileIterator, class BlockCoord>
-  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
-                           cute::tuple<TensorA, TensorB, TensorU, TensorV> const& load_inputs,
-                           BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
-                           uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
-    if (!cute::elect_one_sync()) return;
-    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
-    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
-    constexpr uint32_t cluster_x = get<0>(ClusterShape{});
-    const uint2 cluster_id = {block_rank_in_cluster % cluster_x, block_rank_in_cluster / cluster_x};
-    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
-    auto tma_a = params.tma_load_a.get_slice(cluster_id.y), tma_u = params.tma_load_u.get_slice(cluster_id.y);
-    auto tma_b = params.tma_load_b.get_slice(cluster_id.x), tma_v = params.tma_load_v.get_slice(cluster_id.x);
-    Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m_coord, _, l_coord));  // (TMA,TMA_M,TMA_K,k)
-    Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, l_coord));
-    Tensor tUgU = tma_u.partition_S(get<2>(load_inputs)(_, _, m_coord, _, l_coord));
-    Tensor tVgV = tma_v.partition_S(get<3>(load_inputs)(_, _, n_coord, _, l_coord));
-    Tensor tAsA = tma_a.partition_D(sA);  // (TMA,TMA_M,TMA_K,PIPE); u's tiles land in the same stages
-    Tensor tBsB = tma_b.partition_D(sB);
-    // the multicast masks: a's (and u's) tile goes to the cluster's blocks of one row, w's (v's) of one column
-    uint16_t mcast_a = 0, mcast_b = 0;
-    auto block_layout = Layout<ClusterShape>{};  // (m,n) -> block id
-    if constexpr (cute::is_same_v<GmemTiledCopyA, SM90_TMA_LOAD_MULTICAST>)
-      for (int n = 0; n < size<1>(block_layout); ++n) mcast_a |= uint16_t(1) << block_layout(cluster_id.x, n, Int<0>{});
-    if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>)
-      for (int m = 0; m < size<0>(block_layout); ++m) mcast_b |= uint16_t(1) << block_layout(m, cluster_id.y, Int<0>{});
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (; k_tile_count > 0; --k_tile_count, ++k_tile_iter) {
-      pipeline.producer_acquire(smem_pipe_write);
-      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
-      const int stage = smem_pipe_write.index();
-      const int k = int(*k_tile_iter);
-      if (k < params.k_tiles_main) {
-        copy(params.tma_load_a.with(*barrier, mcast_a), tAgA(_, _, _, k), tAsA(_, _, _, stage));
-        copy(params.tma_load_b.with(*barrier, mcast_b), tBgB(_, _, _, k), tBsB(_, _, _, stage));
-      } else {
-        copy(params.tma_load_u.with(*barrier, mcast_a), tUgU(_, _, _, k - params.k_tiles_main), tAsA(_, _, _, stage));
-        copy(params.tma_load_v.with(*barrier, mcast_b), tVgV(_, _, _, k - params.k_tiles_main), tBsB(_, _, _, stage));
-      }
-      ++smem_pipe_write;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return 0;
+  std::array<float, kLowRankConfigs + 1> ms{};
+  std::array<cudaEvent_t, 2> ev{};
+  for (auto& e : ev) C10_CUDA_CHECK(cudaEventCreate(&e));
+  auto candidate = [](int i) { return i == kLowRankConfigs ? kPair : i; };
+  for (int i = 0; i <= kLowRankConfigs; ++i) run_candidate(candidate(i), a, w, u, v, bias, weight_kmajor, out);
+  for (int round = 0; round < 2; ++round) {
+    for (int i = 0; i <= kLowRankConfigs; ++i) {
+      C10_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+      for (int rep = 0; rep < 3; ++rep) run_candidate(candidate(i), a, w, u, v, bias, weight_kmajor, out);
+      C10_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+      C10_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+      float t = 0.f;
+      C10_CUDA_CHECK(cudaEventElapsedTime(&t, ev[0], ev[1]));
+      ms[i] += t;
     }
   }
-};
-
-// The kernel's shape: tile, cluster and schedule (the mainloop's and the epilogue's must agree).
-struct PingpongConfig {
-  using TileShape = Shape<_128, _128, _64>;
-  using ClusterShape = Shape<_2, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-};
-
-// WeightLayout: ColumnMajor for x·Wᵀ with W (N×K) row-major; RowMajor for dy·W with W as the (K_out × N) operand.
-template <class T, class WeightLayout, class Config = PingpongConfig>
-struct LowRankGemm {
-  using TileShape = typename Config::TileShape;
-  using ClusterShape = typename Config::ClusterShape;
-  static constexpr int kAlign = 8;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, kAlign, T,
-      cutlass::layout::RowMajor, kAlign, typename Config::EpilogueSchedule,
-      cutlass::epilogue::fusion::LinCombPerColBias<T, float, T>>::CollectiveOp;
-  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, kAlign, T, WeightLayout,
-      kAlign, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      typename Config::KernelSchedule>::CollectiveOp;
-  using Mainloop = LowRankTailMainloop<BaseMainloop>;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-
-  // out = a·w(ᵀ) + u·vᵀ + bias, v already scaled (N×R, or R×N for the RowMajor weight)
-  static void run(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
-                  const at::Tensor* bias, at::Tensor& out) {
-    const int M = int(a.size(0)), K = int(a.size(1)), N = int(out.size(1)), R = int(u.size(1));
-    using StrideA = typename Gemm::GemmKernel::StrideA;
-    using StrideB = typename Gemm::GemmKernel::StrideB;
-    using StrideD = typename Gemm::GemmKernel::StrideD;
-    constexpr bool kKMajorB = std::is_same_v<WeightLayout, cutlass::layout::ColumnMajor>;
-    StrideA sa = cutlass::make_cute_packed_stride(StrideA{}, make_shape(M, K, 1));
-    get<0>(sa) = a.stride(0);
-    StrideA su = cutlass::make_cute_packed_stride(StrideA{}, make_shape(M, R, 1));
-    get<0>(su) = u.stride(0);
-    StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K, 1));
-    StrideB sv = cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, R, 1));
-    get<kKMajorB ? 0 : 1>(sv) = v.stride(0);
-    StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(M, N, 1));
-    typename Mainloop::Arguments ml;
-    static_cast<typename BaseMainloop::Arguments&>(ml) = {reinterpret_cast<const T*>(a.data_ptr()), sa,
-                                                          reinterpret_cast<const T*>(w.data_ptr()), sb};
-    ml.ptr_U = reinterpret_cast<const T*>(u.data_ptr()), ml.dU = su;
-    ml.ptr_V = reinterpret_cast<const T*>(v.data_ptr()), ml.dV = sv;
-    ml.k_main = K, ml.rank = R;
-    typename Epilogue::Arguments ep{};
-    ep.thread.alpha = 1.f, ep.thread.beta = 0.f;
-    ep.thread.bias_ptr = bias != nullptr ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-    ep.ptr_D = reinterpret_cast<T*>(out.data_ptr()), ep.dD = sd;
-    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                  {M, N, Mainloop::problem_k(K, R), 1}, ml, ep};
-    args.hw_info.device_id = a.get_device();
-    args.hw_info.sm_count = at::cuda::getDeviceProperties(a.get_device())->multiProcessorCount;
-    args.scheduler.max_swizzle_size = tile_swizzle();
-    Gemm gemm;
-    TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
-                "lowrank_gemm: the CUTLASS kernel cannot take these shapes / strides");
-    const size_t ws_bytes = Gemm::get_workspace_size(args);
-    at::Tensor ws;  // none allocated when the kernel needs none (the usual case: no split-K / stream-K)
-    if (ws_bytes > 0) ws = at::empty({int64_t(ws_bytes)}, a.options().dtype(at::kByte));
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    TORCH_CHECK(gemm.initialize(args, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream) == cutlass::Status::kSuccess,
-                "lowrank_gemm: CUTLASS initialize failed");
-    TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "lowrank_gemm: CUTLASS launch failed");
-  }
-};
-
+  for (auto& e : ev) C10_CUDA_CHECK(cudaEventDestroy(e));
+  const int best = candidate(int(std::min_element(ms.begin(), ms.end()) - ms.begin()));
+  const std::lock_guard<std::mutex> lock(mutex);
+  picked.emplace(key, best);
+  return best;
+}
 }  // namespace
 
 bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, bool weight_kmajor) {
@@ -261,7 +122,7 @@ bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::
   const auto dt = a.scalar_type();
   if ((dt != at::kBFloat16 && dt != at::kHalf) || w.scalar_type() != dt || u.scalar_type() != dt) return false;
   const int64_t r = u.size(1);
-  if (r == 0 || r % 8 != 0 || r > kMaxRank) return false;
+  if (r == 0 || r % 8 != 0 || r > lowrank::kMaxRank) return false;
   const auto* props = at::cuda::getDeviceProperties(a.get_device());
   if (props->major != 9) return false;  // sm_90a code only
   // TMA: 16-byte aligned bases and row strides, unit inner strides
@@ -284,7 +145,7 @@ at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at:
   const auto dt = a.scalar_type();
   // v = s·b in the B operand's layout (N×R rows for x·Wᵀ, R×N rows for dy·W): s rides in the tail's K step,
   // rounded once into v (one small pass over N×R values).
-  at::Tensor v = (weight_kmajor ? b : b.t()).mul(scale).to(dt).contiguous();
+  const at::Tensor v = (weight_kmajor ? b : b.t()).mul(scale).to(dt).contiguous();
   at::Tensor bias_c;
   if (bias.has_value()) {
     bias_c = bias->to(dt).contiguous();
@@ -293,17 +154,7 @@ at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at:
   at::Tensor out = at::empty({a.size(0), N}, a.options());
   if (a.size(0) == 0 || N == 0) return out;
   const at::Tensor* bp = bias.has_value() ? &bias_c : nullptr;
-  if (dt == at::kBFloat16) {
-    if (weight_kmajor)
-      LowRankGemm<cutlass::bfloat16_t, cutlass::layout::ColumnMajor>::run(a, w, u, v, bp, out);
-    else
-      LowRankGemm<cutlass::bfloat16_t, cutlass::layout::RowMajor>::run(a, w, u, v, bp, out);
-  } else {
-    if (weight_kmajor)
-      LowRankGemm<cutlass::half_t, cutlass::layout::ColumnMajor>::run(a, w, u, v, bp, out);
-    else
-      LowRankGemm<cutlass::half_t, cutlass::layout::RowMajor>::run(a, w, u, v, bp, out);
-  }
+  run_candidate(pick_candidate(a, w, u, v, bp, weight_kmajor, out), a, w, u, v, bp, weight_kmajor, out);
   return out;
 }
 
