@@ -22,7 +22,7 @@ def bench(fn):
 
 def main(r=16, op_only=False):
     assert lk.cuda_ext_available(), "needs the CUDA extension"
-    tag = "one-gemm" if os.environ.get("LORA_KERNELS_CUTLASS") == "1" else "cublas-pair"
+    tag = "cublas-pair" if os.environ.get("LORA_KERNELS_CUTLASS") == "0" else "one-gemm"
     has_op = hasattr(torch.ops.lora_kernels, "lowrank_gemm")
     print(f"{torch.cuda.get_device_name()}, {tag}, kernel built: {has_op}", flush=True)
     dev, dt = "cuda", torch.bfloat16

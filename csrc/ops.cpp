@@ -161,15 +161,16 @@ at::Tensor apply_dropout(const at::Tensor& x, double p, const c10::optional<at::
 constexpr int64_t kLowRankOutMaxN = 512;
 
 #ifdef LORA_KERNELS_WITH_CUTLASS
-// The one-GEMM forms (cuda/lowrank_gemm.cu) where they take the inputs, with LORA_KERNELS_CUTLASS=1 (opt-in
-// until its speed is measured against the cuBLAS pair); otherwise the pair: the low-rank product, then the big
-// GEMM with beta = 1. Read once per process.
-bool lowrank_gemm_enabled() {
+// The one-GEMM forms (cuda/lowrank_gemm.cu) where they take the inputs, unless LORA_KERNELS_CUTLASS=0; otherwise
+// the pair: the low-rank product, then the big GEMM with beta = 1. Read once per process. Below 512 rows the
+// pair (cuBLAS's split-K tiles) measured faster at every shape tried on an H100 (bench/NOTES.md).
+constexpr int64_t kLowRankGemmMinRows = 512;
+bool lowrank_gemm_enabled(int64_t rows) {
   static const bool on = [] {
     const char* v = std::getenv("LORA_KERNELS_CUTLASS");
-    return v != nullptr && std::string(v) == "1";
+    return v == nullptr || std::string(v) != "0";
   }();
-  return on;
+  return on && rows >= kLowRankGemmMinRows;
 }
 #endif
 
@@ -205,7 +206,8 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
   }
   if (!xa.defined()) xa = at::mm(xd, A.t());
 #ifdef LORA_KERNELS_WITH_CUTLASS
-  if (!y.defined() && lowrank_gemm_enabled() && lowrank_gemm_supported(x, weight, xa, /*weight_kmajor=*/true))
+  if (!y.defined() && lowrank_gemm_enabled(x.size(0)) &&
+      lowrank_gemm_supported(x, weight, xa, /*weight_kmajor=*/true))
     return {lowrank_gemm_cuda(x, weight, xa, B, bias, scaling, /*weight_kmajor=*/true), xa, A, B};
 #endif
   // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
@@ -248,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
   // Without dropout, dx = dy·W + s·g·A as one GEMM (the rank-r term its last K step), where it can be.
   bool one_gemm_dx = false;
 #ifdef LORA_KERNELS_WITH_CUTLASS
-  one_gemm_dx = need_dx && on_gpu && dropout_p == 0.0 && lowrank_gemm_enabled() &&
+  one_gemm_dx = need_dx && on_gpu && dropout_p == 0.0 && lowrank_gemm_enabled(dy.size(0)) &&
                 lowrank_gemm_supported(dy, weight, g, /*weight_kmajor=*/false);
 #endif
   if (need_dx && on_gpu && !one_gemm_dx) dx = at::empty({g.size(0), A.size(1)}, g.options());

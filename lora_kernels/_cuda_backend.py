@@ -4,9 +4,8 @@ What runs where: merge_/unmerge_ are CUDA kernels; the forward for M <= 8 (16-bi
 9-16 rows outside CUDA-graph captures, is a CUDA decode kernel that reads W once, and a 4-bit (NF4) W has one
 for 1-8 rows. For larger M on Hopper (16-bit, rank a multiple of 8 up to 256, built with CUTLASS's headers),
 y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and, without dropout, the backward's dx = dy·W + s·(dy·B)·A are each one CUTLASS GEMM
-with the rank-r term as its last K step (csrc/cuda/lowrank_gemm.cu) with LORA_KERNELS_CUTLASS=1 (opt-in until
-measured faster than the cuBLAS pair); otherwise cuBLAS GEMMs composed in C++, the big GEMM accumulating into
-the low-rank product. With dropout, x·Aᵀ and dA come from
+with the rank-r term as its last K step (csrc/cuda/lowrank_gemm.cu), from 512 rows (LORA_KERNELS_CUTLASS=0
+turns it off); otherwise cuBLAS GEMMs composed in C++, the big GEMM accumulating into the low-rank product. With dropout, x·Aᵀ and dA come from
 kernels that apply the shared (seed, row, col) mask as they load x (dropout(x) never written).
 """
 from __future__ import annotations
@@ -20,7 +19,8 @@ from . import _C  # noqa: F401 - loading registers torch.ops.lora_kernels.{merge
 
 _ops = torch.ops.lora_kernels
 
-# Only where the one-GEMM path was asked for: it is opt-in, and the cuBLAS pair is the faster form so far.
+# Where the one-GEMM path was asked for by name (on Hopper it runs by default where it was built; elsewhere the
+# cuBLAS pair is the only form, so a build without it is not news).
 if os.environ.get("LORA_KERNELS_CUTLASS") == "1" and not hasattr(_ops, "lowrank_gemm"):
     warnings.warn("lora_kernels: LORA_KERNELS_CUTLASS=1, but the CUDA extension was built without CUTLASS's headers "
                   "(or without sm_90a), so the cuda backend runs its cuBLAS pair; `pip install --no-deps "

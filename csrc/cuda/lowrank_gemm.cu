@@ -74,13 +74,16 @@ struct ProblemHash {
   }
 };
 
-// The candidate for this problem: timed on its first call (each candidate once to warm, then two interleaved
+// The candidate for this problem: timed on the first call of its size bucket (each candidate once to warm, then two interleaved
 // rounds of three calls, CUDA events on the current stream), kept per problem. Inside a CUDA-graph capture
 // nothing can be timed: the first tile shape runs and nothing is kept.
 int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
                    const at::Tensor* bias, bool weight_kmajor, at::Tensor& out) {
   if (forced_config() != -2) return forced_config();
-  const ProblemKey key{a.size(0), out.size(1), a.size(1), u.size(1), int(a.scalar_type()), a.get_device(),
+  // rows to the next power of two: one timing per bucket, so batches of varying length do not time each size
+  int64_t rows = 1;
+  while (rows < a.size(0)) rows *= 2;
+  const ProblemKey key{rows, out.size(1), a.size(1), u.size(1), int(a.scalar_type()), a.get_device(),
                        weight_kmajor, bias != nullptr};
   static std::mutex mutex;
   static std::unordered_map<ProblemKey, int, ProblemHash> picked;
