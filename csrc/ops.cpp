@@ -309,8 +309,8 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
 #ifdef LORA_KERNELS_WITH_CUTLASS
   // CUDA only (sm_90a): a·Wᵀ (weight_kmajor) or a·W, plus scale·u·bᵀ + bias, in one GEMM (cuda/lowrank_gemm.cu).
-  m.def("lowrank_gemm(Tensor a, Tensor weight, Tensor u, Tensor b, Tensor? bias, float scale, bool weight_kmajor)"
-        " -> Tensor");
+  m.def("lowrank_gemm(Tensor a, Tensor weight, Tensor u, Tensor b, Tensor? bias, float scale, bool weight_kmajor,"
+        " int config=-1) -> Tensor");
 #endif
   // CUDA only: the 4-bit (NF4) forward for 1 to 4 rows (cuda/decode.cu); the Python layer picks it by timing.
   m.def("nf4_decode(Tensor x, Tensor packed, Tensor absmax, Tensor code, int N, Tensor lora_A, Tensor lora_B,"

@@ -57,9 +57,12 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
 // cuda/lowrank_gemm.cu (Hopper, sm_90a): out = a·Wᵀ + s·u·bᵀ + bias in one GEMM, the rank-r term its last K
 // step. weight_kmajor: W is (N, K) (a forward's x·Wᵀ); otherwise W is (K, N) (a backward's dy·W). a and u
 // (M×r) of one 16-bit dtype with unit inner stride, 16-byte aligned rows; r a multiple of 8 up to 256.
+// config: -1 times the tile shapes built in and the cuBLAS pair on a problem's first call and keeps the
+// fastest; 0.. forces one tile shape (tests).
 bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, bool weight_kmajor);
 at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
-                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor);
+                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,
+                             int64_t config = -1);
 #endif
 
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).

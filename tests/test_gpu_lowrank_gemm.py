@@ -20,14 +20,18 @@ def _has_kernel():
 needs_kernel = pytest.mark.skipif(not _has_kernel(), reason="needs the CUTLASS kernel (built with it, sm_90)")
 
 
+CONFIGS = [0, 1, 2]  # the tile shapes built in (csrc/cuda/lowrank_gemm.cuh, LowRankConfigs)
+
+
 @needs_kernel
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weight_kmajor", [True, False])
 @pytest.mark.parametrize("M, K, N, r, bias", [(1, 64, 8, 8, True), (37, 136, 200, 16, False),
                                               (255, 512, 1000, 24, True), (1000, 4096, 4104, 32, False),
                                               (4096, 2048, 5632, 16, True), (130, 8, 264, 8, False),
                                               (300, 1000, 520, 72, True), (77, 4104, 136, 256, False)])
-def test_lowrank_gemm_meets_the_oracle_rule(dtype, weight_kmajor, M, K, N, r, bias):
+def test_lowrank_gemm_meets_the_oracle_rule(config, dtype, weight_kmajor, M, K, N, r, bias):
     g = torch.Generator(device="cuda").manual_seed(M * 7 + N)
     a = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
     w = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / K**0.5
@@ -37,7 +41,7 @@ def test_lowrank_gemm_meets_the_oracle_rule(dtype, weight_kmajor, M, K, N, r, bi
     s = 0.75
     if not weight_kmajor:  # the backward's form: a·W with W stored (K, N)
         w = w.t().contiguous()
-    got = torch.ops.lora_kernels.lowrank_gemm(a, w, u, b, bvec, s, weight_kmajor)
+    got = torch.ops.lora_kernels.lowrank_gemm(a, w, u, b, bvec, s, weight_kmajor, config)
     wt = w.t() if weight_kmajor else w
     torch_y = a @ wt + s * (u @ b.t()) + (bvec if bias else 0)
     exact = a.double() @ wt.double() + s * (u.double() @ b.double().t()) + (bvec.double() if bias else 0)
@@ -49,7 +53,8 @@ def test_lowrank_gemm_meets_the_oracle_rule(dtype, weight_kmajor, M, K, N, r, bi
 
 
 @needs_kernel
-def test_lowrank_gemm_takes_strided_factors():
+@pytest.mark.parametrize("config", CONFIGS)
+def test_lowrank_gemm_takes_strided_factors(config):
     # u a column slice of a wider buffer (row stride 40, not R), b a transposed view (the backward passes Aᵀ)
     g = torch.Generator(device="cuda").manual_seed(5)
     M, K, N, r = 333, 1032, 264, 16
@@ -57,7 +62,7 @@ def test_lowrank_gemm_takes_strided_factors():
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K**0.5
     u = torch.randn(M, 40, device="cuda", dtype=torch.bfloat16, generator=g)[:, 8:8 + r]
     b = torch.randn(r, N, device="cuda", dtype=torch.bfloat16, generator=g).t()
-    got = torch.ops.lora_kernels.lowrank_gemm(a, w, u, b, None, 2.0, True)
+    got = torch.ops.lora_kernels.lowrank_gemm(a, w, u, b, None, 2.0, True, config)
     exact = a.double() @ w.double().t() + 2.0 * (u.double() @ b.double().t())
     torch_y = a @ w.t() + 2.0 * (u @ b.t())
     err, torch_err = (got.double() - exact).norm().item(), (torch_y.double() - exact).norm().item()
@@ -86,6 +91,10 @@ def test_lowrank_gemm_rejects_what_it_cannot_take():
     with pytest.raises(RuntimeError, match="unsupported"):  # rank 264: past the kernel's 256
         torch.ops.lora_kernels.lowrank_gemm(a, w, torch.randn(16, 264, device="cuda", dtype=torch.bfloat16),
                                             torch.randn(32, 264, device="cuda", dtype=torch.bfloat16), None, 1.0, True)
+    with pytest.raises(RuntimeError, match="config"):  # no such tile shape
+        torch.ops.lora_kernels.lowrank_gemm(a, w, torch.randn(16, 16, device="cuda", dtype=torch.bfloat16),
+                                            torch.randn(32, 16, device="cuda", dtype=torch.bfloat16), None, 1.0, True,
+                                            len(CONFIGS))
     with pytest.raises(RuntimeError, match="unsupported"):  # float32
         torch.ops.lora_kernels.lowrank_gemm(a.float(), w.float(), torch.randn(16, 16, device="cuda"),
                                             torch.randn(32, 16, device="cuda"), None, 1.0, True)

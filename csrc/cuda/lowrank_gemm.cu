@@ -137,7 +137,9 @@ bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::
 }
 
 at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
-                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor) {
+                             const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor, int64_t config) {
+  TORCH_CHECK(config >= -1 && config < kLowRankConfigs, "lowrank_gemm: config must be -1 (timed per problem) or 0..",
+              kLowRankConfigs - 1, ", got ", config);
   TORCH_CHECK(lowrank_gemm_supported(a, w, u, weight_kmajor), "lowrank_gemm: unsupported inputs");
   const int64_t N = weight_kmajor ? w.size(0) : w.size(1);
   TORCH_CHECK(w.size(weight_kmajor ? 1 : 0) == a.size(1), "lowrank_gemm: inner dimensions differ");
@@ -157,7 +159,8 @@ at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at:
   at::Tensor out = at::empty({a.size(0), N}, a.options());
   if (a.size(0) == 0 || N == 0) return out;
   const at::Tensor* bp = bias.has_value() ? &bias_c : nullptr;
-  run_candidate(pick_candidate(a, w, u, v, bp, weight_kmajor, out), a, w, u, v, bp, weight_kmajor, out);
+  const int chosen = config >= 0 ? int(config) : pick_candidate(a, w, u, v, bp, weight_kmajor, out);
+  run_candidate(chosen, a, w, u, v, bp, weight_kmajor, out);
   return out;
 }
 
