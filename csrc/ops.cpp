@@ -174,6 +174,31 @@ bool lowrank_gemm_enabled(int64_t rows) {
 }
 #endif
 
+void lowrank_pair_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u,
+                       const at::Tensor& b, const at::Tensor* bias, double scale, bool weight_kmajor) {
+  if (bias != nullptr)
+    at::addmm_out(out, *bias, u, b.t(), /*beta=*/1.0, /*alpha=*/scale);
+  else
+    at::addmm_out(out, out, u, b.t(), /*beta=*/0.0, /*alpha=*/scale);  // beta = 0: out's contents are ignored
+  out.addmm_(a, weight_kmajor ? w.t() : w);
+}
+
+namespace {
+// out = a·w(ᵀ) + s·u·bᵀ (+ bias) on the GPU: the one-GEMM kernel where it serves, which itself falls back to
+// the pair where timing shows the pair faster; otherwise the pair.
+at::Tensor lowrank_out(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
+                       const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor) {
+#ifdef LORA_KERNELS_WITH_CUTLASS
+  if (lowrank_gemm_enabled(a.size(0)) && lowrank_gemm_supported(a, w, u, weight_kmajor))
+    return lowrank_gemm_cuda(a, w, u, b, bias, scale, weight_kmajor);
+#endif
+  at::Tensor out = at::empty({a.size(0), weight_kmajor ? w.size(0) : w.size(1)}, a.options());
+  const at::Tensor bias_t = bias.has_value() ? bias->to(a.scalar_type()) : at::Tensor();
+  lowrank_pair_into(out, a, w, u, b, bias.has_value() ? &bias_t : nullptr, scale, weight_kmajor);
+  return out;
+}
+}  // namespace
+
 ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                            const at::Tensor& lora_B, const c10::optional<at::Tensor>& bias, double scaling,
                            double dropout_p, const c10::optional<at::Tensor>& seed) {
@@ -205,20 +230,10 @@ ForwardParts forward_parts(const at::Tensor& x, const at::Tensor& weight, const 
     xd = apply_dropout(x, dropout_p, seed);
   }
   if (!xa.defined()) xa = at::mm(xd, A.t());
-#ifdef LORA_KERNELS_WITH_CUTLASS
-  if (!y.defined() && lowrank_gemm_enabled(x.size(0)) &&
-      lowrank_gemm_supported(x, weight, xa, /*weight_kmajor=*/true))
-    return {lowrank_gemm_cuda(x, weight, xa, B, bias, scaling, /*weight_kmajor=*/true), xa, A, B};
-#endif
-  // The cheap low-rank product writes y first (with the bias); the big GEMM then accumulates into it
-  // (beta = 1), reading y in its epilogue, instead of a second full pass over y after it.
-  if (!y.defined() && bias.has_value()) {  // (the masked kernel has written y where it is defined)
-    y = at::addmm(bias->to(dt), xa, B.t(), /*beta=*/1.0, /*alpha=*/scaling);
-  } else if (!y.defined()) {
-    y = at::empty({x.size(0), weight.size(0)}, x.options());
-    at::addmm_out(y, y, xa, B.t(), /*beta=*/0.0, /*alpha=*/scaling);  // beta = 0: y's contents are ignored
-  }
-  y.addmm_(x, weight.t());
+  if (y.defined())  // the masked kernel wrote the low-rank term and the bias; the big GEMM accumulates into it
+    y.addmm_(x, weight.t());
+  else
+    y = lowrank_out(x, weight, xa, B, bias, scaling, /*weight_kmajor=*/true);
   return {y, xa, A, B};
 }
 
@@ -241,52 +256,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_parts(
 #else
   const bool on_gpu = false;
 #endif
-  // dx: the LoRA part first (same mask and 1/(1-p) as the forward's dropout(x)), then dy·W accumulated into
-  // it by the big GEMM (no separate add over dx). With dropout on the GPU, the masked kernel writes it and
-  // dA from one read of x (16-bit x, rank <= 32); otherwise cuBLAS writes s·g·A and, with dropout, one pass
-  // puts the mask on it in place while it writes dropout(x) for cuBLAS's dA.
-  at::Tensor dx = dy.new_empty({0});
+  // dx = dy·W + s·g·A. Without dropout on the GPU: lowrank_out (one GEMM, or cuBLAS's pair). With dropout, the
+  // low-rank part carries the forward's mask and 1/(1-p), so it is written first and dy·W accumulated into it
+  // by the big GEMM (no separate add over dx): the masked kernel writes it and dA from one read of x (16-bit
+  // x, rank <= 32); otherwise cuBLAS writes s·g·A and one pass puts the mask on it in place while it writes
+  // dropout(x) for cuBLAS's dA.
+  const bool masked_dx = need_dx && on_gpu && dropout_p > 0.0 && seed.has_value();
+  at::Tensor dx = masked_dx ? at::empty({g.size(0), A.size(1)}, g.options()) : dy.new_empty({0});
   at::Tensor xd, dA;
-  // Without dropout, dx = dy·W + s·g·A as one GEMM (the rank-r term its last K step), where it can be.
-  bool one_gemm_dx = false;
-#ifdef LORA_KERNELS_WITH_CUTLASS
-  one_gemm_dx = need_dx && on_gpu && dropout_p == 0.0 && lowrank_gemm_enabled(dy.size(0)) &&
-                lowrank_gemm_supported(dy, weight, g, /*weight_kmajor=*/false);
-#endif
-  if (need_dx && on_gpu && !one_gemm_dx) dx = at::empty({g.size(0), A.size(1)}, g.options());
 #ifdef LORA_KERNELS_WITH_CUDA
-  // 16-bit x, rank <= 32: one kernel reads x once for dA and writes dx's masked low-rank term.
   const at::Tensor xc = on_gpu && dropout_p > 0.0 && seed.has_value() ? x.contiguous() : x;
   if (on_gpu && dropout_p > 0.0 && seed.has_value() && g.scalar_type() == x.scalar_type() &&
       masked_lowrank_supported(xc, A.size(0), dropout_p))
-    dA = masked_lowrank_backward_cuda(xc, g, A, need_dx && !one_gemm_dx ? &dx : nullptr, *seed, dropout_p, scaling,
-                                      a_dtype);
+    dA = masked_lowrank_backward_cuda(xc, g, A, masked_dx ? &dx : nullptr, *seed, dropout_p, scaling, a_dtype);
+  if (!dA.defined() && masked_dx) {
+    at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
+    xd = at::empty(x.sizes(), x.options());
+    dropout_pair_into(xc, xd, dx, *seed, dropout_p);
+  }
 #endif
   if (!dA.defined()) {
-    if (need_dx && on_gpu && !one_gemm_dx) {
-      at::addmm_out(dx, dx, g, A, /*beta=*/0.0, /*alpha=*/scaling);
-#ifdef LORA_KERNELS_WITH_CUDA
-      if (dropout_p > 0.0 && seed.has_value()) {
-        xd = at::empty(x.sizes(), x.options());
-        dropout_pair_into(xc, xd, dx, *seed, dropout_p);
-      }
-#endif
-    }
     if (!xd.defined()) xd = apply_dropout(x, dropout_p, seed);
     dA = scaled_mm(g.t(), xd, scaling, a_dtype);
   }
   at::Tensor dB = scaled_mm(dy.t(), xa, scaling, b_dtype);
-  if (need_dx) {
-    if (one_gemm_dx) {
-#ifdef LORA_KERNELS_WITH_CUTLASS
-      dx = lowrank_gemm_cuda(dy, weight, g, A.t(), c10::nullopt, scaling, /*weight_kmajor=*/false);
-#endif
-    } else if (on_gpu) {
-      dx.addmm_(dy, weight);
-    } else {
-      dx = apply_dropout(at::mm(g, A), dropout_p, seed);
-      dx.addmm_(dy, weight, /*beta=*/scaling, /*alpha=*/1.0);
-    }
+  if (masked_dx) {
+    dx.addmm_(dy, weight);
+  } else if (need_dx && on_gpu) {
+    dx = lowrank_out(dy, weight, g, A.t(), c10::nullopt, scaling, /*weight_kmajor=*/false);
+  } else if (need_dx) {
+    dx = apply_dropout(at::mm(g, A), dropout_p, seed);
+    dx.addmm_(dy, weight, /*beta=*/scaling, /*alpha=*/1.0);
   }
   at::Tensor dbias = need_dbias ? dy.sum(0) : dy.new_empty({0});
   return {dx, dA, dB, dbias};

@@ -53,12 +53,17 @@ at::Tensor masked_lowrank_backward_cuda(const at::Tensor& x, const at::Tensor& g
                                         at::Tensor* dx, const at::Tensor& seed, double p, double s,
                                         at::ScalarType a_dtype);
 #endif
+// out = a·Wᵀ (weight_kmajor; W is N×K) or a·W (W is K×N), plus s·u·bᵀ (+ bias; b is N×r, bias in a's dtype)
+// by cuBLAS: the low-rank product writes out first (bias and s in its epilogue), then the big GEMM accumulates
+// into it (beta = 1) instead of a second full pass over out. out is (M, N), preallocated (contents ignored).
+void lowrank_pair_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u,
+                       const at::Tensor& b, const at::Tensor* bias, double scale, bool weight_kmajor);
 #ifdef LORA_KERNELS_WITH_CUTLASS
 // cuda/lowrank_gemm.cu (Hopper, sm_90a): out = a·Wᵀ + s·u·bᵀ + bias in one GEMM, the rank-r term its last K
 // step. weight_kmajor: W is (N, K) (a forward's x·Wᵀ); otherwise W is (K, N) (a backward's dy·W). a and u
 // (M×r) of one 16-bit dtype with unit inner stride, 16-byte aligned rows; r a multiple of 8 up to 256.
-// config: -1 times the tile shapes built in and the cuBLAS pair on a problem's first call and keeps the
-// fastest; 0.. forces one tile shape (tests).
+// config: -1 times the tile shapes built in and the cuBLAS pair (lowrank_pair_into) on a problem's first call
+// and keeps the fastest; 0.. forces one tile shape (tests).
 bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, bool weight_kmajor);
 at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
                              const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,

@@ -8,6 +8,7 @@
 #include "ops.h"
 
 #ifdef LORA_KERNELS_WITH_CUTLASS
+#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <array>
@@ -41,19 +42,19 @@ void run_config(int config, const at::Tensor& a, const at::Tensor& w, const at::
   ((config == int(I) ? run_lowrank_config<int(I)>(a, w, u, v, bias, weight_kmajor, out) : void()), ...);
 }
 
-// out = a·w(ᵀ) + u·vᵀ + bias by candidate `config` (v is s·b in the weight's layout)
-void run_candidate(int config, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
-                   const at::Tensor* bias, bool weight_kmajor, at::Tensor& out) {
-  if (config == kPair) {
-    const at::Tensor vt = weight_kmajor ? v.t() : v;  // (R, N)
-    if (bias != nullptr)
-      at::addmm_out(out, *bias, u, vt);
-    else
-      at::mm_out(out, u, vt);
-    out.addmm_(a, weight_kmajor ? w.t() : w);
-    return;
-  }
-  run_config(config, a, w, u, v, bias, weight_kmajor, out, std::make_index_sequence<kLowRankConfigs>{});
+// v = s·b in the B operand's layout (N×R rows for x·Wᵀ, R×N rows for dy·W): s rides in the tail's K step,
+// rounded once into v (one small pass over N×R values). The pair needs no v: s is its GEMM's alpha.
+at::Tensor scaled_factor(const at::Tensor& b, double scale, bool weight_kmajor, at::ScalarType dt) {
+  return (weight_kmajor ? b : b.t()).mul(scale).to(dt).contiguous();
+}
+
+// out = a·w(ᵀ) + s·u·bᵀ + bias by candidate `config` (v = scaled_factor(b), used by the tile shapes only)
+void run_candidate(int config, const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
+                   const at::Tensor& v, const at::Tensor* bias, double scale, bool weight_kmajor, at::Tensor& out) {
+  if (config == kPair)
+    lowrank_pair_into(out, a, w, u, b, bias, scale, weight_kmajor);
+  else
+    run_config(config, a, w, u, v, bias, weight_kmajor, out, std::make_index_sequence<kLowRankConfigs>{});
 }
 
 struct ProblemKey {
@@ -74,11 +75,11 @@ struct ProblemHash {
   }
 };
 
-// The candidate for this problem: timed on the first call of its size bucket (each candidate once to warm, then two interleaved
-// rounds of three calls, CUDA events on the current stream), kept per problem. Inside a CUDA-graph capture
+// The candidate for this problem: timed on the first call of its size bucket (each candidate once to warm, then
+// two interleaved rounds of three calls, CUDA events on the current stream), kept per problem. Inside a CUDA-graph capture
 // nothing can be timed: the first tile shape runs and nothing is kept.
-int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& v,
-                   const at::Tensor* bias, bool weight_kmajor, at::Tensor& out) {
+int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
+                   const at::Tensor* bias, double scale, bool weight_kmajor, at::Tensor& out) {
   if (forced_config() != -2) return forced_config();
   // rows to the next power of two: one timing per bucket, so batches of varying length do not time each size
   int64_t rows = 1;
@@ -96,21 +97,30 @@ int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return 0;
-  std::array<float, kLowRankConfigs + 1> ms{};
-  std::array<cudaEvent_t, 2> ev{};
-  for (auto& e : ev) C10_CUDA_CHECK(cudaEventCreate(&e));
+  const at::Tensor v = scaled_factor(b, scale, weight_kmajor, a.scalar_type());
   auto candidate = [](int i) { return i == kLowRankConfigs ? kPair : i; };
-  for (int i = 0; i <= kLowRankConfigs; ++i) run_candidate(candidate(i), a, w, u, v, bias, weight_kmajor, out);
-  for (int round = 0; round < 2; ++round) {
-    for (int i = 0; i <= kLowRankConfigs; ++i) {
-      C10_CUDA_CHECK(cudaEventRecord(ev[0], stream));
-      for (int rep = 0; rep < 3; ++rep) run_candidate(candidate(i), a, w, u, v, bias, weight_kmajor, out);
-      C10_CUDA_CHECK(cudaEventRecord(ev[1], stream));
-      C10_CUDA_CHECK(cudaEventSynchronize(ev[1]));
-      float t = 0.f;
-      C10_CUDA_CHECK(cudaEventElapsedTime(&t, ev[0], ev[1]));
-      ms[i] += t;
+  constexpr int kCandidates = kLowRankConfigs + 1, kRounds = 2, kReps = 3;
+  // warm: lazy set-up (cuBLAS workspaces, the kernels' shared-memory attributes) stays out of the timing
+  for (int i = 0; i < kCandidates; ++i) run_candidate(candidate(i), a, w, u, b, v, bias, scale, weight_kmajor, out);
+  // The GPU is held by a spin kernel while the timed calls are queued, so that each interval is GPU time even
+  // where queueing a call takes the host longer than the GPU takes to run it (small problems): timed back to
+  // back, those read the host's speed, not the kernels'. 4M cycles (~2 ms) covers 24 queued calls.
+  std::array<cudaEvent_t, kRounds * kCandidates + 1> ev{};
+  for (auto& e : ev) C10_CUDA_CHECK(cudaEventCreate(&e));
+  at::cuda::sleep(int64_t(4) << 20);
+  C10_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+  for (int round = 0, e = 1; round < kRounds; ++round) {
+    for (int i = 0; i < kCandidates; ++i, ++e) {
+      for (int rep = 0; rep < kReps; ++rep) run_candidate(candidate(i), a, w, u, b, v, bias, scale, weight_kmajor, out);
+      C10_CUDA_CHECK(cudaEventRecord(ev[e], stream));
     }
+  }
+  C10_CUDA_CHECK(cudaEventSynchronize(ev.back()));
+  std::array<float, kCandidates> ms{};
+  for (int e = 1; e < int(ev.size()); ++e) {
+    float t = 0.f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&t, ev[e - 1], ev[e]));
+    ms[(e - 1) % kCandidates] += t;
   }
   for (auto& e : ev) C10_CUDA_CHECK(cudaEventDestroy(e));
   const int best = candidate(int(std::min_element(ms.begin(), ms.end()) - ms.begin()));
@@ -148,9 +158,6 @@ at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at:
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "lowrank_gemm: bias shape");
   const c10::cuda::CUDAGuard guard(a.device());
   const auto dt = a.scalar_type();
-  // v = s·b in the B operand's layout (N×R rows for x·Wᵀ, R×N rows for dy·W): s rides in the tail's K step,
-  // rounded once into v (one small pass over N×R values).
-  const at::Tensor v = (weight_kmajor ? b : b.t()).mul(scale).to(dt).contiguous();
   at::Tensor bias_c;
   if (bias.has_value()) {
     bias_c = bias->to(dt).contiguous();
@@ -159,8 +166,10 @@ at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at:
   at::Tensor out = at::empty({a.size(0), N}, a.options());
   if (a.size(0) == 0 || N == 0) return out;
   const at::Tensor* bp = bias.has_value() ? &bias_c : nullptr;
-  const int chosen = config >= 0 ? int(config) : pick_candidate(a, w, u, v, bp, weight_kmajor, out);
-  run_candidate(chosen, a, w, u, v, bp, weight_kmajor, out);
+  const at::Tensor bd = b.to(dt);  // the pair's operand (no copy in a's dtype)
+  const int chosen = config >= 0 ? int(config) : pick_candidate(a, w, u, bd, bp, scale, weight_kmajor, out);
+  const at::Tensor v = chosen == kPair ? at::Tensor() : scaled_factor(bd, scale, weight_kmajor, dt);
+  run_candidate(chosen, a, w, u, bd, v, bp, scale, weight_kmajor, out);
   return out;
 }
 
