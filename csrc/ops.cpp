@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -162,15 +163,19 @@ constexpr int64_t kLowRankOutMaxN = 512;
 
 #ifdef LORA_KERNELS_WITH_CUTLASS
 // The one-GEMM forms (cuda/lowrank_gemm.cu) where they take the inputs, unless LORA_KERNELS_CUTLASS=0; otherwise
-// the pair: the low-rank product, then the big GEMM with beta = 1. Read once per process. Below 512 rows the
-// pair (cuBLAS's split-K tiles) measured faster at every shape tried on an H100 (bench/NOTES.md).
-constexpr int64_t kLowRankGemmMinRows = 512;
+// the pair: the low-rank product, then the big GEMM with beta = 1. From 512 rows by default: below, the pair
+// (cuBLAS's split-K tiles) measured faster at every shape tried on an H100 (bench/NOTES.md);
+// LORA_KERNELS_CUTLASS_MIN_ROWS moves the threshold (A/B runs). Both read once per process.
 bool lowrank_gemm_enabled(int64_t rows) {
   static const bool on = [] {
     const char* v = std::getenv("LORA_KERNELS_CUTLASS");
     return v == nullptr || std::string(v) != "0";
   }();
-  return on && rows >= kLowRankGemmMinRows;
+  static const int64_t min_rows = [] {
+    const char* v = std::getenv("LORA_KERNELS_CUTLASS_MIN_ROWS");
+    return v != nullptr && *v != '\0' ? std::max<int64_t>(1, std::atoll(v)) : int64_t(512);
+  }();
+  return on && rows >= min_rows;
 }
 #endif
 
