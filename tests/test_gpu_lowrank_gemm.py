@@ -20,7 +20,7 @@ def _has_kernel():
 needs_kernel = pytest.mark.skipif(not _has_kernel(), reason="needs the CUTLASS kernel (built with it, sm_90)")
 
 
-CONFIGS = [0, 1, 2]  # the tile shapes built in (csrc/cuda/lowrank_gemm.cuh, LowRankConfigs)
+CONFIGS = [0, 1, 2, 3]  # the tile shapes built in (csrc/cuda/lowrank_gemm.cuh, LowRankConfigs; 3: stream-K)
 
 
 @needs_kernel

@@ -98,8 +98,8 @@ int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return 0;
   const at::Tensor v = scaled_factor(b, scale, weight_kmajor, a.scalar_type());
-  auto candidate = [](int i) { return i == kLowRankConfigs ? kPair : i; };
-  constexpr int kCandidates = kLowRankConfigs + 1, kRounds = 2, kReps = 3;
+  auto candidate = [](int i) { return i == kPickedConfigs ? kPair : i; };
+  constexpr int kCandidates = kPickedConfigs + 1, kRounds = 2, kReps = 3;
   // warm: lazy set-up (cuBLAS workspaces, the kernels' shared-memory attributes) stays out of the timing
   for (int i = 0; i < kCandidates; ++i) run_candidate(candidate(i), a, w, u, b, v, bias, scale, weight_kmajor, out);
   // The GPU is held by a spin kernel while the timed calls are queued, so that each interval is GPU time even

@@ -203,9 +203,11 @@ struct LowRankTailMainloop : Base {
   }
 };
 
-// The kernel's shape: tile, cluster and schedule (the mainloop's and the epilogue's must agree).
-template <int TM, int TN, int CM, int CN, bool kCooperative>
+// The kernel's shape: tile, cluster and schedule (the mainloop's and the epilogue's must agree), and the tile
+// scheduler (void: CUTLASS's persistent one; StreamKScheduler: K split over blocks, cooperative only).
+template <int TM, int TN, int CM, int CN, bool kCooperative, class Scheduler = void>
 struct GemmConfig {
+  using TileScheduler = Scheduler;
   using TileShape = Shape<Int<TM>, Int<TN>, _64>;
   using ClusterShape = Shape<Int<CM>, Int<CN>, _1>;
   using KernelSchedule = std::conditional_t<kCooperative, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
@@ -232,7 +234,8 @@ struct LowRankGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       typename Config::KernelSchedule>::CollectiveOp;
   using Mainloop = LowRankTailMainloop<BaseMainloop>;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      typename Config::TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   // out = a·w(ᵀ) + u·vᵀ + bias, v already scaled (N×R, or R×N for the RowMajor weight)
@@ -270,7 +273,7 @@ struct LowRankGemm {
     TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
                 "lowrank_gemm: the CUTLASS kernel cannot take these shapes / strides");
     const size_t ws_bytes = Gemm::get_workspace_size(args);
-    at::Tensor ws;  // none allocated when the kernel needs none (the usual case: no split-K / stream-K)
+    at::Tensor ws;  // stream-K's partial tiles and flags; none for the persistent scheduler
     if (ws_bytes > 0) ws = at::empty({int64_t(ws_bytes)}, a.options().dtype(at::kByte));
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     TORCH_CHECK(gemm.initialize(args, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream) == cutlass::Status::kSuccess,
@@ -282,12 +285,17 @@ struct LowRankGemm {
 }  // namespace lowrank
 
 // The shapes built into the package (bench/sweep/lowrank_gemm_sweep.py times more): none wins everywhere on an
-// H100 (bench/NOTES.md), so lowrank_gemm.cu times them, and the cuBLAS pair, on a problem's first call.
+// H100 (bench/NOTES.md), so lowrank_gemm.cu times the first kPickedConfigs of them, and the cuBLAS pair, on a
+// problem's first call. The stream-K shape (K split over the GPU's blocks, for few rows: at 64 rows 128×128
+// tiles give 32 output tiles for 132 SMs) is built and tested, and runs only where forced until measured.
 using LowRankConfigs = std::tuple<lowrank::GemmConfig<128, 128, 2, 1, false>, lowrank::GemmConfig<128, 128, 1, 2, false>,
-                                  lowrank::GemmConfig<256, 128, 2, 1, true>>;
+                                  lowrank::GemmConfig<256, 128, 2, 1, true>,
+                                  lowrank::GemmConfig<128, 128, 1, 1, true, cutlass::gemm::StreamKScheduler>>;
 constexpr int kLowRankConfigs = std::tuple_size_v<LowRankConfigs>;
+constexpr int kPickedConfigs = 3;
 inline const char* const kLowRankConfigNames[] = {"ping-pong 128x128, cluster 2x1", "ping-pong 128x128, cluster 1x2",
-                                                   "cooperative 256x128, cluster 2x1"};
+                                                   "cooperative 256x128, cluster 2x1",
+                                                   "cooperative 128x128, stream-K"};
 
 // out = a·wᵀ (weight_kmajor) or a·w, + u·vᵀ + bias with config I (16-bit a; v scaled, in the weight's layout).
 // Defined in lowrank_gemm_config<I>.cu.
