@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof,dist bash bench/gpu_run.sh [bench args...]
+# On a GPU machine, in steps: STEPS=build,test,sanitize,soak,cmake,bench,profile,e2eprof,dist,onegemm bash bench/gpu_run.sh [bench args...]
 # On two GPUs, GPU1_STEPS=test (say) runs those steps on GPU 1 at the same time as STEPS on GPU 0.
 # Logs and results go to $OUT (default .gpu_out; per-process logs packed in one .tgz per step); commit the bench results and summaries to bench/results/.
 # The extension build and the CMake build run side by side (CPU); each later step has its own time limit.
@@ -97,6 +97,19 @@ if [[ $STEPS == *dist* ]]; then
   # against one process over the whole batch
   timeout ${DIST_TIMEOUT:-400} python3 -m lora_kernels.bench.distributed --nproc ${DIST_NPROC:-2} --out "$OUT" 2>&1 \
     | tee "$OUT/dist.log" | grep -v -i warn | tail -20
+fi
+if [[ $STEPS == *onegemm* ]]; then
+  # The one-GEMM kernel (Hopper): its tests (every tile shape forced), the op alone with each shape forced and
+  # with the timed pick, and the backend against the cuBLAS pair (LORA_KERNELS_CUTLASS=0), one process each
+  # (the switches are read once per process); then the compiled e2e step with the kernel on and off.
+  { timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_lowrank_gemm.py 2>&1 | tail -2
+    for c in 0 1 2 3; do echo "-- op alone, LORA_KERNELS_CUTLASS_CONFIG=$c"
+      LORA_KERNELS_CUTLASS_CONFIG=$c timeout 90 python3 bench/one_gemm_ab.py --op-only 2>&1 | grep -v -i warn; done
+    echo "-- timed pick"; timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
+    echo "-- pair"; LORA_KERNELS_CUTLASS=0 timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
+    for on in 1 0; do echo "-- compiled step, LORA_KERNELS_CUTLASS=$on"
+      LORA_KERNELS_CUTLASS=$on timeout 200 python3 bench/compiled_step.py patched_compile 2>&1 | grep -E "median|GPU kernel"
+    done; } 2>&1 | tee "$OUT/onegemm.log"
 fi
 if [[ -n ${gpu1_pid:-} ]]; then
   wait $gpu1_pid; echo "== GPU 1 ($GPU1_STEPS):"; tail -40 "$OUT/gpu1.log"
