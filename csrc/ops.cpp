@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -173,7 +172,11 @@ bool lowrank_gemm_enabled(int64_t rows) {
   }();
   static const int64_t min_rows = [] {
     const char* v = std::getenv("LORA_KERNELS_CUTLASS_MIN_ROWS");
-    return v != nullptr && *v != '\0' ? std::max<int64_t>(1, std::atoll(v)) : int64_t(512);
+    if (v == nullptr || *v == '\0') return int64_t(512);
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1, "LORA_KERNELS_CUTLASS_MIN_ROWS: expected a positive integer, got ", v);
+    return int64_t(n);
   }();
   return on && rows >= min_rows;
 }

@@ -80,6 +80,31 @@ def test_cpp_errors_reach_python_and_name_the_argument(device):
     assert proc.returncode == 0 and "raised" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
+_THRESHOLD_PROBE = """
+import torch, lora_kernels._C
+x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+y, _ = torch.ops.lora_kernels.linear_forward(x, w, a, b, None, 1.0)
+assert torch.allclose(y, x @ w.t() + (x @ a.t()) @ b.t(), atol=1e-5)
+print("ran")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("value, accepted", [("64", True), ("abc", False), ("0", False), ("12rows", False)])
+def test_row_threshold_setting_is_checked(value, accepted):
+    """LORA_KERNELS_CUTLASS_MIN_ROWS (the one-GEMM kernel's row threshold, read once per process): a positive
+    integer is taken; anything else is an error that names the setting, not a silent default."""
+    if not hasattr(torch.ops.lora_kernels, "lowrank_gemm"):
+        pytest.skip("built without the one-GEMM kernel: the setting is not read")
+    env = {**os.environ, "LORA_KERNELS_CUTLASS_MIN_ROWS": value}
+    proc = subprocess.run([sys.executable, "-c", _THRESHOLD_PROBE], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    if accepted:
+        assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_MIN_ROWS: expected a positive integer" in proc.stderr
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_build_and_cpp_example(tmp_path):
     """Builds csrc/ as a libtorch library (CPU kernels; the CUDA ones compile in the extension build) and runs
