@@ -2,7 +2,24 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+
 namespace lora_kernels {
+
+// An integer setting from the environment: `fallback` where it is unset or empty; otherwise the whole value must
+// be an integer from lo to hi, or the error names the setting (a typo is not read as a silent default).
+inline int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && errno == 0 && n >= lo && n <= hi, name, ": expected an integer from ", lo, " to ", hi,
+              ", got ", v);
+  return n;
+}
 
 inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 ||

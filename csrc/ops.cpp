@@ -170,14 +170,7 @@ bool lowrank_gemm_enabled(int64_t rows) {
     const char* v = std::getenv("LORA_KERNELS_CUTLASS");
     return v == nullptr || std::string(v) != "0";
   }();
-  static const int64_t min_rows = [] {
-    const char* v = std::getenv("LORA_KERNELS_CUTLASS_MIN_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t(512);
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    TORCH_CHECK(*end == '\0' && n >= 1, "LORA_KERNELS_CUTLASS_MIN_ROWS: expected a positive integer, got ", v);
-    return int64_t(n);
-  }();
+  static const int64_t min_rows = env_int("LORA_KERNELS_CUTLASS_MIN_ROWS", 512, 1, INT64_MAX);
   return on && rows >= min_rows;
 }
 #endif

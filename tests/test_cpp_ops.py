@@ -102,7 +102,7 @@ def test_row_threshold_setting_is_checked(value, accepted):
     if accepted:
         assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
     else:
-        assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_MIN_ROWS: expected a positive integer" in proc.stderr
+        assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_MIN_ROWS: expected an integer from 1" in proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -28,10 +28,11 @@ int forced_config() {
     const char* v = std::getenv("LORA_KERNELS_CUTLASS_CONFIG");
     if (v == nullptr || *v == '\0') return -2;
     if (std::string(v) == "pair") return kPair;
-    const int i = std::atoi(v);
-    TORCH_CHECK(i >= 0 && i < kLowRankConfigs, "LORA_KERNELS_CUTLASS_CONFIG: expected 0..", kLowRankConfigs - 1,
-                " or pair, got ", v);
-    return i;
+    char* end = nullptr;
+    const long i = std::strtol(v, &end, 10);
+    TORCH_CHECK(*end == '\0' && i >= 0 && i < kLowRankConfigs, "LORA_KERNELS_CUTLASS_CONFIG: expected 0..",
+                kLowRankConfigs - 1, " or pair, got ", v);
+    return int(i);
   }();
   return forced;
 }

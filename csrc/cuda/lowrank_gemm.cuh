@@ -29,6 +29,8 @@
 
 #include "cutlass/cuda_host_adapter.hpp"
 
+#include "../checks.h"
+
 // CUTLASS looks the driver's cuTensorMapEncodeTiled up (cudaGetDriverEntryPoint) for every TMA descriptor it
 // encodes, five per launch here; resolve it once instead (host time per call is what small layers pay).
 namespace lora_kernels::driver {
@@ -65,10 +67,7 @@ using namespace cute;
 // The tile scheduler's swizzle (tiles of up to this many rows of tiles visited together, for L2 reuse of the
 // operands): LORA_KERNELS_CUTLASS_SWIZZLE, read once, for A/B runs; CUTLASS's default 1 otherwise.
 inline int tile_swizzle() {
-  static const int swizzle = [] {
-    const char* v = std::getenv("LORA_KERNELS_CUTLASS_SWIZZLE");
-    return v != nullptr ? std::max(1, std::atoi(v)) : 1;
-  }();
+  static const int swizzle = int(env_int("LORA_KERNELS_CUTLASS_SWIZZLE", 1, 1, 8));  // CUTLASS takes 1, 2, 4, 8
   return swizzle;
 }
 
