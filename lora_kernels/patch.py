@@ -5,6 +5,8 @@ output; only its instance `forward`, `merge` and `unmerge` are replaced (merges 
 kernels of ops.merge_, also inside peft's `merge_and_unload()` / `merge_adapter()` / `unmerge_adapter()`). Layers the fused op can't serve (DoRA and other
 variants, several active adapters, lora_bias, fan_in_fan_out, bases other than nn.Linear or a bitsandbytes
 NF4 Linear4bit, a trainable base weight) keep peft's forward, and one log line lists them with the reason.
+A patched layer called with peft's `adapter_names=` (a mixed-adapter batch) runs one fused pass over its
+stacked adapters (patch_mixed.py) instead of peft's loop over them.
 
 Plain models: `patch(model, target_modules=[...], r=..., lora_alpha=...)` wraps the nn.Linear layers
 whose names end in one of target_modules into FusedLoRALinear (sharing their weight tensors).
@@ -22,6 +24,7 @@ from torch import nn
 from . import nf4, ops
 from .modules import FusedLoRALinear
 from .nf4 import lora4_linear
+from .patch_mixed import mixed_forward, plain_adapter
 
 log = logging.getLogger("lora_kernels")
 _MARK = "_lora_kernels_patched"
@@ -96,10 +99,14 @@ def _why_not_fusable(m, base=None, kind=None) -> Optional[str]:
 
 def _fused_peft_forward(self, x, *args, **kwargs):
     # Runs once per layer per step: the base layer and its kind are looked up once and shared with the check.
-    if args or kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged:
+    if args or self.disable_adapters or self.merged:
         return type(self).forward(self, x, *args, **kwargs)
     base = _base_layer(self)
     kind = _base_kind(base)
+    names = kwargs.get("adapter_names")
+    if names is not None:  # a mixed-adapter batch: one fused pass instead of peft's loop where it serves
+        y = mixed_forward(self, x, names, base, kind, getattr(self, _MARK)) if len(kwargs) == 1 else None
+        return y if y is not None else type(self).forward(self, x, *args, **kwargs)
     if _why_not_fusable(self, base, kind) is not None:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
@@ -135,9 +142,7 @@ def _plain_lora(m, names) -> bool:
     """True when every adapter in names is plain LoRA over an nn.Linear, which merge_ / unmerge_ serve."""
     if _base_kind(m.get_base_layer()) != "linear" or getattr(m, "fan_in_fan_out", False):
         return False
-    return all(n in m.lora_A and n not in getattr(m, "lora_variant", {})
-               and not getattr(m, "use_dora", {}).get(n, False) and not getattr(m, "lora_bias", {}).get(n, False)
-               for n in names)
+    return all(n in m.lora_A and plain_adapter(m, n) for n in names)
 
 
 def _adapter(m, n):

@@ -1,4 +1,5 @@
-"""Mixed-adapter batches on the GPU: our bank vs the same rows on one adapter, and peft's mixed-batch forward."""
+"""Mixed-adapter batches on the GPU: our bank vs the same rows on one adapter, and peft's mixed-batch forward
+without and with lk.patch (which serves peft's `adapter_names=` by the same fused pass)."""
 from __future__ import annotations
 
 import torch
@@ -39,6 +40,8 @@ def run(K=4096, N=4096, r=16, dtype=torch.bfloat16, log=print):
         peft_layer = _peft_mixed(r, S, dtype, bank) if M <= 64 or S <= 16 else None
         if peft_layer is not None:
             fns["peft_mixed"] = lambda: peft_layer(x, adapter_names=names)
+            patched = lk.patch(_peft_mixed(r, S, dtype, bank))  # the same layer with lk.patch: one fused pass
+            fns["patched_peft_mixed"] = lambda: patched(x, adapter_names=names)
         for name, fn in fns.items():
             with torch.no_grad():
                 fn()
