@@ -191,7 +191,7 @@ at::Tensor lowrank_out(const at::Tensor& a, const at::Tensor& w, const at::Tenso
                        const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor) {
 #ifdef LORA_KERNELS_WITH_CUTLASS
   if (lowrank_gemm_enabled(a.size(0)) && lowrank_gemm_supported(a, w, u, weight_kmajor))
-    return lowrank_gemm_cuda(a, w, u, b, bias, scale, weight_kmajor);
+    return lowrank_gemm_checked(a, w, u, b, bias, scale, weight_kmajor);  // shapes checked by the op's caller
 #endif
   at::Tensor out = at::empty({a.size(0), weight_kmajor ? w.size(0) : w.size(1)}, a.options());
   const at::Tensor bias_t = bias.has_value() ? bias->to(a.scalar_type()) : at::Tensor();

@@ -68,6 +68,11 @@ bool lowrank_gemm_supported(const at::Tensor& a, const at::Tensor& w, const at::
 at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
                              const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,
                              int64_t config = -1);
+// lowrank_gemm_cuda without its argument checks, for callers that have made them (lowrank_gemm_supported and
+// the shapes): ~1 µs of host per call less.
+at::Tensor lowrank_gemm_checked(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
+                                const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,
+                                int64_t config = -1);
 #endif
 
 // dropout(x) with the shared mask: x·keep/(1-p), through the dispatcher (CPU or CUDA kernel).

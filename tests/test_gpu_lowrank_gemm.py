@@ -70,6 +70,33 @@ def test_lowrank_gemm_takes_strided_factors(config):
 
 
 @needs_kernel
+@pytest.mark.parametrize("M", [96, 520])
+def test_lowrank_gemm_captured_before_any_timing(M):
+    # A problem first seen inside a CUDA-graph capture cannot be timed: a fixed choice runs (the pair below
+    # 512 rows, tile shape 0 from there), and the replayed graph still meets the oracle rule on fresh inputs.
+    # K and N are odd sizes no other test uses, so no earlier call has timed this problem.
+    K, N, r = 1048, 392, 16
+    g = torch.Generator(device="cuda").manual_seed(M)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K**0.5
+    u = torch.randn(M, r, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(N, r, device="cuda", dtype=torch.bfloat16, generator=g) / r**0.5
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        got = torch.ops.lora_kernels.lowrank_gemm(a, w, u, b, None, 1.5, True)
+    for _ in range(2):  # new inputs into the captured buffers, then replay
+        a.copy_(torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g))
+        u.copy_(torch.randn(M, r, device="cuda", dtype=torch.bfloat16, generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        exact = a.double() @ w.double().t() + 1.5 * (u.double() @ b.double().t())
+        torch_y = a @ w.t() + 1.5 * (u @ b.t())
+        err, torch_err = (got.double() - exact).norm().item(), (torch_y.double() - exact).norm().item()
+        assert err <= 2 * torch_err + 1e-6 * exact.norm().item(), f"error {err:.3e} > 2x torch's {torch_err:.3e}"
+
+
+@needs_kernel
 @pytest.mark.skipif(os.environ.get("LORA_KERNELS_CUTLASS") == "0", reason="LORA_KERNELS_CUTLASS=0 turns the "
                     "kernel off (read once per process)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -78,7 +78,7 @@ struct ProblemHash {
 
 // The candidate for this problem: timed on the first call of its size bucket (each candidate once to warm, then
 // two interleaved rounds of three calls, CUDA events on the current stream), kept per problem. Inside a CUDA-graph capture
-// nothing can be timed: the first tile shape runs and nothing is kept.
+// nothing can be timed: a fixed choice runs and nothing is kept.
 int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
                    const at::Tensor* bias, double scale, bool weight_kmajor, at::Tensor& out) {
   if (forced_config() != -2) return forced_config();
@@ -97,34 +97,40 @@ int pick_candidate(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return 0;
+  // Captured before any timing: tile shape 0 where it was never far from the best (512 rows up), else the pair.
+  if (capture != cudaStreamCaptureStatusNone) return a.size(0) >= 512 ? 0 : kPair;
   const at::Tensor v = scaled_factor(b, scale, weight_kmajor, a.scalar_type());
-  auto candidate = [](int i) { return i == kPickedConfigs ? kPair : i; };
-  constexpr int kCandidates = kPickedConfigs + 1, kRounds = 2, kReps = 3;
+  // The shapes timed: the first kPickedConfigs, or all of them with LORA_KERNELS_CUTLASS_STREAMK=1 (the
+  // stream-K shape joins the timing; A/B runs until it has been measured), then the pair.
+  static const int tiles = env_int("LORA_KERNELS_CUTLASS_STREAMK", 0, 0, 1) == 1 ? kLowRankConfigs : kPickedConfigs;
+  const int candidates = tiles + 1;
+  auto candidate = [](int i) { return i == tiles ? kPair : i; };
+  constexpr int kRounds = 2, kReps = 3;
   // warm: lazy set-up (cuBLAS workspaces, the kernels' shared-memory attributes) stays out of the timing
-  for (int i = 0; i < kCandidates; ++i) run_candidate(candidate(i), a, w, u, b, v, bias, scale, weight_kmajor, out);
+  for (int i = 0; i < candidates; ++i) run_candidate(candidate(i), a, w, u, b, v, bias, scale, weight_kmajor, out);
   // The GPU is held by a spin kernel while the timed calls are queued, so that each interval is GPU time even
   // where queueing a call takes the host longer than the GPU takes to run it (small problems): timed back to
-  // back, those read the host's speed, not the kernels'. 4M cycles (~2 ms) covers 24 queued calls.
-  std::array<cudaEvent_t, kRounds * kCandidates + 1> ev{};
-  for (auto& e : ev) C10_CUDA_CHECK(cudaEventCreate(&e));
+  // back, those read the host's speed, not the kernels'. 4M cycles (~2 ms) covers the 24-30 queued calls.
+  std::array<cudaEvent_t, kRounds * (kLowRankConfigs + 1) + 1> ev{};
+  const int events = kRounds * candidates + 1;
+  for (int e = 0; e < events; ++e) C10_CUDA_CHECK(cudaEventCreate(&ev[e]));
   at::cuda::sleep(int64_t(4) << 20);
   C10_CUDA_CHECK(cudaEventRecord(ev[0], stream));
   for (int round = 0, e = 1; round < kRounds; ++round) {
-    for (int i = 0; i < kCandidates; ++i, ++e) {
+    for (int i = 0; i < candidates; ++i, ++e) {
       for (int rep = 0; rep < kReps; ++rep) run_candidate(candidate(i), a, w, u, b, v, bias, scale, weight_kmajor, out);
       C10_CUDA_CHECK(cudaEventRecord(ev[e], stream));
     }
   }
-  C10_CUDA_CHECK(cudaEventSynchronize(ev.back()));
-  std::array<float, kCandidates> ms{};
-  for (int e = 1; e < int(ev.size()); ++e) {
+  C10_CUDA_CHECK(cudaEventSynchronize(ev[events - 1]));
+  std::array<float, kLowRankConfigs + 1> ms{};
+  for (int e = 1; e < events; ++e) {
     float t = 0.f;
     C10_CUDA_CHECK(cudaEventElapsedTime(&t, ev[e - 1], ev[e]));
-    ms[(e - 1) % kCandidates] += t;
+    ms[(e - 1) % candidates] += t;
   }
-  for (auto& e : ev) C10_CUDA_CHECK(cudaEventDestroy(e));
-  const int best = candidate(int(std::min_element(ms.begin(), ms.end()) - ms.begin()));
+  for (int e = 0; e < events; ++e) C10_CUDA_CHECK(cudaEventDestroy(ev[e]));
+  const int best = candidate(int(std::min_element(ms.begin(), ms.begin() + candidates) - ms.begin()));
   const std::lock_guard<std::mutex> lock(mutex);
   picked.emplace(key, best);
   return best;
@@ -157,6 +163,13 @@ at::Tensor lowrank_gemm_cuda(const at::Tensor& a, const at::Tensor& w, const at:
   TORCH_CHECK(u.size(0) == a.size(0) && b.dim() == 2 && b.size(0) == N && b.size(1) == u.size(1),
               "lowrank_gemm: factor shapes");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), "lowrank_gemm: bias shape");
+  return lowrank_gemm_checked(a, w, u, b, bias, scale, weight_kmajor, config);
+}
+
+at::Tensor lowrank_gemm_checked(const at::Tensor& a, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
+                                const c10::optional<at::Tensor>& bias, double scale, bool weight_kmajor,
+                                int64_t config) {
+  const int64_t N = weight_kmajor ? w.size(0) : w.size(1);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto dt = a.scalar_type();
   at::Tensor bias_c;

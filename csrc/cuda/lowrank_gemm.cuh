@@ -285,16 +285,18 @@ struct LowRankGemm {
 
 // The shapes built into the package (bench/sweep/lowrank_gemm_sweep.py times more): none wins everywhere on an
 // H100 (bench/NOTES.md), so lowrank_gemm.cu times the first kPickedConfigs of them, and the cuBLAS pair, on a
-// problem's first call. The stream-K shape (K split over the GPU's blocks, for few rows: at 64 rows 128×128
-// tiles give 32 output tiles for 132 SMs) is built and tested, and runs only where forced until measured.
+// problem's first call. The stream-K shape (K split over the GPU's blocks, for few rows: at 256 rows 128×128
+// tiles give 128 output tiles for 132 SMs, each walking all of K) runs only where forced or with
+// LORA_KERNELS_CUTLASS_STREAMK=1 until it has been timed in the pick: 128×64 tiles, which measured 1.02× cuBLAS at
+// 256×4096² in the sweep where the 128×128 stream-K shape read 1.25× and the pair 1.17× (bench/NOTES.md).
 using LowRankConfigs = std::tuple<lowrank::GemmConfig<128, 128, 2, 1, false>, lowrank::GemmConfig<128, 128, 1, 2, false>,
                                   lowrank::GemmConfig<256, 128, 2, 1, true>,
-                                  lowrank::GemmConfig<128, 128, 1, 1, true, cutlass::gemm::StreamKScheduler>>;
+                                  lowrank::GemmConfig<128, 64, 1, 1, true, cutlass::gemm::StreamKScheduler>>;
 constexpr int kLowRankConfigs = std::tuple_size_v<LowRankConfigs>;
 constexpr int kPickedConfigs = 3;
 inline const char* const kLowRankConfigNames[] = {"ping-pong 128x128, cluster 2x1", "ping-pong 128x128, cluster 1x2",
                                                    "cooperative 256x128, cluster 2x1",
-                                                   "cooperative 128x128, stream-K"};
+                                                   "cooperative 128x64, stream-K"};
 
 // out = a·wᵀ (weight_kmajor) or a·w, + u·vᵀ + bias with config I (16-bit a; v scaled, in the weight's layout).
 // Defined in lowrank_gemm_config<I>.cu.
