@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.cpu_demo or not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run under the interpreter
+        # The Triton kernels run under the interpreter only where TRITON_INTERPRET was set before triton was
+        # imported (as a program, _cpu_demo_process sees to that); elsewhere the demo checks the torch backend.
         from . import cpu_demo
         return 0 if cpu_demo.run() else 1
 
@@ -87,5 +88,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def _cpu_demo_process(argv) -> None:
+    """Starts this program again with TRITON_INTERPRET=1 where it is about to run the CPU demo without it:
+    `python -m lora_kernels.bench` imports the package, and with it triton, before main runs, and triton
+    reads the setting when its kernels are defined, so setting it now would leave them uncallable on the CPU.
+    An explicit TRITON_INTERPRET (even 0) is kept."""
+    if "TRITON_INTERPRET" in os.environ or not ("--cpu-demo" in argv or not torch.cuda.is_available()):
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "lora_kernels.bench", *argv])
+
+
 if __name__ == "__main__":
+    _cpu_demo_process(sys.argv[1:])
     sys.exit(main())
