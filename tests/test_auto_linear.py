@@ -2,6 +2,7 @@
 backends, and the unfused addmm composite where the CUDA extension is not built), the fastest serves it, and
 the timing leaves no trace (generators restored, no gradient accumulated). Timing is stubbed here, and a
 named backend stands in for the kernels, so the rule itself runs on the CPU."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -352,3 +353,30 @@ def test_the_composite_forward_through_a_merged_weight_meets_the_oracle_rule(mon
         err = (ys[force].double() - exact).abs().max().item()
         assert ys[force].dtype == dt and err <= 2 * (plain.double() - exact).abs().max().item() + 1e-6, (force, err)
     assert torch.equal(ys[None], ys["1"])
+
+
+def test_cached_calls_follow_the_forcing_variables(monkeypatch):
+    """The per-call key (ops._call_key) reads LORA_KERNELS_AUTO and LORA_KERNELS_MERGED_WEIGHT through the dict
+    behind os.environ: every change made through os.environ must change the key, and undoing it restore it."""
+    from lora_kernels import ops
+
+    monkeypatch.delenv(auto_linear.ENV, raising=False)
+    monkeypatch.delenv(auto_linear.MERGED_ENV, raising=False)
+    x, w, a, b = _inputs()
+
+    def key():
+        return ops._call_key(x, w, a, b, None, 0.0, "auto", False)
+    unset = key()
+    seen = {unset}
+    for name, value in [(auto_linear.ENV, "triton"), (auto_linear.ENV, "cuda"), (auto_linear.MERGED_ENV, "0")]:
+        monkeypatch.setenv(name, value)
+        assert key() not in seen, (name, value)
+        seen.add(key())
+        monkeypatch.delenv(name)
+    assert key() == unset
+    os.environ[auto_linear.ENV] = "torch"  # a plain assignment, as a user's script makes it
+    try:
+        assert key() != unset
+    finally:
+        del os.environ[auto_linear.ENV]
+    assert key() == unset
