@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import _backends, reference
+from . import _backends, _env, reference
 from ._checks import check_dropout, check_lora_shapes
 from .ops import _eager, eager_function
 
@@ -187,7 +186,7 @@ def _via_dense(x, scaling_t, K) -> str:
     if x.shape[0] < DEQUANT_MIN_ROWS or K % 64 != 0:
         return ""
     if not x.is_cuda:
-        return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+        return "triton" if _env.get("TRITON_INTERPRET") == "1" else ""
     return "cuda" if scaling_t is None and _backends.cuda_ext_available() else "triton"
 
 

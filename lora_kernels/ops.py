@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _backends, auto_linear, reference
+from . import _backends, _env, auto_linear, reference
 from ._checks import check_lora_args, check_merge_args
 
 def _empty(like: Tensor) -> Tensor:
@@ -253,26 +252,12 @@ def _meta(t):
     return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
 
 
-def _env_reader(name: str):
-    """A reader of os.environ.get(name), for keys read on every call: through the dict behind os.environ
-    where CPython keeps one (its values are bytes on POSIX, so only for comparing), ~0.05 µs against ~1 µs
-    through the mapping's key encoding. It sees every change made through os.environ."""
-    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
-    if isinstance(data, dict) and callable(encode):
-        key = encode(name)
-        return lambda: data.get(key)
-    return lambda: os.environ.get(name)
-
-
-_forced_auto, _forced_merged = _env_reader(auto_linear.ENV), _env_reader(auto_linear.MERGED_ENV)
-
-
 def _call_key(x, weight, lora_A, lora_B, bias, dropout_p, backend, allow_tf32):
     """Everything the checks and the backend choice read: shapes, dtypes, devices, which tensors need a
     gradient, whether autograd records, the options, the variable that forces auto's pick and whether a CUDA
     graph is being captured (auto's pick for graphs is by GPU time)."""
     return (_meta(x), _meta(weight), _meta(lora_A), _meta(lora_B), _meta(bias), dropout_p, backend, allow_tf32,
-            torch.is_grad_enabled(), _forced_auto(), _forced_merged(),
+            torch.is_grad_enabled(), _env.get(auto_linear.ENV), _env.get(auto_linear.MERGED_ENV),
             x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

@@ -357,7 +357,7 @@ def test_the_composite_forward_through_a_merged_weight_meets_the_oracle_rule(mon
 
 def test_cached_calls_follow_the_forcing_variables(monkeypatch):
     """The per-call key (ops._call_key) reads LORA_KERNELS_AUTO and LORA_KERNELS_MERGED_WEIGHT through the dict
-    behind os.environ: every change made through os.environ must change the key, and undoing it restore it."""
+    behind os.environ (_env.get): every change made through os.environ must change the key, and undoing it restore it."""
     from lora_kernels import ops
 
     monkeypatch.delenv(auto_linear.ENV, raising=False)
@@ -380,3 +380,16 @@ def test_cached_calls_follow_the_forcing_variables(monkeypatch):
     finally:
         del os.environ[auto_linear.ENV]
     assert key() == unset
+
+
+def test_env_reader_answers_as_os_environ_does(monkeypatch):
+    from lora_kernels import _env
+
+    name = "LORA_KERNELS_TEST_ENV_READER"
+    monkeypatch.delenv(name, raising=False)
+    assert _env.get(name) is None
+    for value in ["1", "", "triton", "dense é"]:
+        monkeypatch.setenv(name, value)
+        assert _env.get(name) == os.environ.get(name) == value
+    monkeypatch.delenv(name)
+    assert _env.get(name) is None

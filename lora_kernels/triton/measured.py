@@ -11,11 +11,11 @@ overwritten, host time counted where it exceeds the GPU's, where host costs diff
 between the CUDA extension and Triton in eager mode).
 """
 import contextlib
-import os
 import warnings
 
 import torch
 
+from .. import _env
 from . import configs
 
 _chosen: dict = {}
@@ -68,7 +68,7 @@ def gpu_ms(fn, reps=20):
 
 def decided(key, env: str, names) -> "str | None":
     """The name forced by `env` (when one of names) or already chosen for key; None while undecided."""
-    forced = os.environ.get(env)
+    forced = _env.get(env)
     return forced if forced in names else _chosen.get(key)
 
 
@@ -78,7 +78,7 @@ def choose(key, options: dict, default: str, env: str, by: str = "cold") -> str:
     returned undecided, under the Triton interpreter, inside CUDA-graph capture or in sync-debug mode (timing
     would synchronise). A path that raises while timed is left out with a warning; if every path raises, the
     default's error is raised."""
-    forced = os.environ.get(env)
+    forced = _env.get(env)
     if forced in options:
         return forced
     pick = _chosen.get(key)
