@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from . import _env
+
 log = logging.getLogger("lora_kernels")
 NAMES = ("auto", "torch", "triton", "cuda")
 _said: set = set()
@@ -65,8 +67,7 @@ def cuda_backend():
     return _CUDA_BACKEND[0]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_interpreting = _env.interpreting
 
 
 def _check_name(backend):

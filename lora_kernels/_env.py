@@ -22,3 +22,8 @@ def get(name: str):
         key = _keys[name] = _encode(name)
     value = _data.get(key)
     return None if value is None else _decode(value)
+
+
+def interpreting() -> bool:
+    """Whether Triton's kernels run under its CPU interpreter (TRITON_INTERPRET=1); asked on every launch."""
+    return get("TRITON_INTERPRET") == "1"

@@ -186,7 +186,7 @@ def _via_dense(x, scaling_t, K) -> str:
     if x.shape[0] < DEQUANT_MIN_ROWS or K % 64 != 0:
         return ""
     if not x.is_cuda:
-        return "triton" if _env.get("TRITON_INTERPRET") == "1" else ""
+        return "triton" if _env.interpreting() else ""
     return "cuda" if scaling_t is None and _backends.cuda_ext_available() else "triton"
 
 

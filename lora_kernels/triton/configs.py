@@ -4,6 +4,8 @@ import os
 
 import triton
 
+from .. import _env
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -16,8 +18,7 @@ def sm_count(t) -> int:
     return _sm_count(t.device.index or 0) if t.is_cuda else 8
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+interpreting = _env.interpreting
 
 
 def cdiv(a: int, b: int) -> int:

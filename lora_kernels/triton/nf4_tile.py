@@ -7,7 +7,6 @@ the absmax for every element. The 16-entry code table is still looked up per ele
 Also here: the host-side views of a 4-bit W as the GEMM's B operand, the choice of layout, and W
 dequantised whole (for many rows, where a cuBLAS GEMM over the dequantised W can beat dequantising per tile).
 """
-import os
 
 import torch
 import triton
@@ -105,7 +104,7 @@ def dequantize(w: "NF4Operand", dtype) -> torch.Tensor:
     """W (N×K) in `dtype`, each element code·absmax rounded once, as the GEMM's tiles round it (K % 64 == 0)."""
     N, K = w.shape
     out = torch.empty((N, K), dtype=dtype, device=w.packed.device)
-    block_n, block_k = (16, 64) if os.environ.get("TRITON_INTERPRET", "0") == "1" else (32, 256)
+    block_n, block_k = (16, 64) if configs.interpreting() else (32, 256)
     grid = (configs.cdiv(N, block_n), configs.cdiv(K, block_k))
     _dequantize_kernel[grid](w.packed, w.absmax, w.code, out, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
