@@ -67,9 +67,6 @@ def cuda_backend():
     return _CUDA_BACKEND[0]
 
 
-_interpreting = _env.interpreting
-
-
 def _check_name(backend):
     if backend not in NAMES:
         raise ValueError(f"backend: expected one of {NAMES}, got {backend!r}")
@@ -82,7 +79,7 @@ def _require(name: str, device_type: str, is_f64: bool):
     if is_f64:
         raise TypeError(f"backend={name!r}: float64 is not supported by the GPU kernels; use backend='torch'")
     if name == "triton":
-        if not (device_type == "cuda" or _interpreting()):
+        if not (device_type == "cuda" or _env.interpreting()):
             raise ValueError(f"backend='triton': tensors are on {device_type}; the Triton kernels need CUDA tensors "
                              "(or TRITON_INTERPRET=1 for the CPU interpreter)")
         if not triton_available():
