@@ -105,6 +105,35 @@ def test_row_threshold_setting_is_checked(value, accepted):
         assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_MIN_ROWS: expected an integer from 1" in proc.stderr
 
 
+_STREAMK_PROBE = """
+import torch, lora_kernels._C
+x, w = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16), torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+u, b = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16), torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
+torch.ops.lora_kernels.lowrank_gemm(x, w, u, b, None, 1.0, True, -1)
+print("ran")
+"""
+
+
+@needs_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("value, accepted", [("0", True), ("1", True), ("-1", False), ("2", False), ("on", False)])
+def test_streamk_setting_is_checked(value, accepted):
+    """LORA_KERNELS_CUTLASS_STREAMK (read on the first timed pick): 0 (the default) leaves the stream-K shape
+    out of the timing, 1 adds it; anything else is an error that names the setting."""
+    if not torch.cuda.is_available() or not hasattr(torch.ops.lora_kernels, "lowrank_gemm"):
+        pytest.skip("the setting is read by the one-GEMM kernel's pick, on a GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the one-GEMM kernel runs on Hopper")
+    env = {**os.environ, "LORA_KERNELS_CUTLASS_STREAMK": value}
+    env.pop("LORA_KERNELS_CUTLASS_CONFIG", None)  # a forced shape skips the pick, and the setting with it
+    proc = subprocess.run([sys.executable, "-c", _STREAMK_PROBE], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    if accepted:
+        assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_STREAMK: expected an integer from 0 to 1" in proc.stderr
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_build_and_cpp_example(tmp_path):
     """Builds csrc/ as a libtorch library (CPU kernels; the CUDA ones compile in the extension build) and runs
