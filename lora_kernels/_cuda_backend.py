@@ -6,7 +6,7 @@ for 1-8 rows. For larger M on Hopper (16-bit, rank a multiple of 8 up to 256, bu
 y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ and, without dropout, the backward's dx = dy·W + s·(dy·B)·A are each one CUTLASS GEMM
 with the rank-r term as its last K step (csrc/cuda/lowrank_gemm.cu), from 512 rows (LORA_KERNELS_CUTLASS=0
 turns it off, LORA_KERNELS_CUTLASS_MIN_ROWS moves the threshold, LORA_KERNELS_CUTLASS_STREAMK=1 adds the
-stream-K shape to the timing), where a problem's first call times it faster
+stream-K shape to the timing: measured no faster than the pair), where a problem's first call times it faster
 than the cuBLAS pair; otherwise that pair, composed in C++: the big GEMM accumulating into the low-rank product. With dropout, x·Aᵀ and dA come from
 kernels that apply the shared (seed, row, col) mask as they load x (dropout(x) never written).
 """

@@ -287,8 +287,8 @@ struct LowRankGemm {
 // H100 (bench/NOTES.md), so lowrank_gemm.cu times the first kPickedConfigs of them, and the cuBLAS pair, on a
 // problem's first call. The stream-K shape (K split over the GPU's blocks, for few rows: at 256 rows 128×128
 // tiles give 128 output tiles for 132 SMs, each walking all of K) runs only where forced or with
-// LORA_KERNELS_CUTLASS_STREAMK=1 until it has been timed in the pick: 128×64 tiles, which measured 1.02× cuBLAS at
-// 256×4096² in the sweep where the 128×128 stream-K shape read 1.25× and the pair 1.17× (bench/NOTES.md).
+// LORA_KERNELS_CUTLASS_STREAMK=1: its 128×64 tiles read 1.02× cuBLAS at 256×4096² in the sweep, but 1.16× in the
+// package, no better than the pair, on an H100 (bench/NOTES.md, 2026-12-08).
 using LowRankConfigs = std::tuple<lowrank::GemmConfig<128, 128, 2, 1, false>, lowrank::GemmConfig<128, 128, 1, 2, false>,
                                   lowrank::GemmConfig<256, 128, 2, 1, true>,
                                   lowrank::GemmConfig<128, 64, 1, 1, true, cutlass::gemm::StreamKScheduler>>;
