@@ -96,13 +96,20 @@ def test_row_threshold_setting_is_checked(value, accepted):
     integer is taken; anything else is an error that names the setting, not a silent default."""
     if not hasattr(torch.ops.lora_kernels, "lowrank_gemm"):
         pytest.skip("built without the one-GEMM kernel: the setting is not read")
-    env = {**os.environ, "LORA_KERNELS_CUTLASS_MIN_ROWS": value}
-    proc = subprocess.run([sys.executable, "-c", _THRESHOLD_PROBE], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=env)
+    _check_setting(_THRESHOLD_PROBE, "LORA_KERNELS_CUTLASS_MIN_ROWS", value, accepted, "expected an integer from 1")
+
+
+def _check_setting(probe, name, value, accepted, message):
+    """Runs probe in a child process with the setting name=value (each is read once per process): it must
+    run, or fail with an error that names the setting."""
+    env = {**os.environ, name: value}
+    env.pop("LORA_KERNELS_CUTLASS_CONFIG", None)  # a forced shape skips the pick, and the settings it reads
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=env)
     if accepted:
         assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
     else:
-        assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_MIN_ROWS: expected an integer from 1" in proc.stderr
+        assert proc.returncode != 0 and f"{name}: {message}" in proc.stderr, proc.stderr[-2000:]
 
 
 _STREAMK_PROBE = """
@@ -124,14 +131,7 @@ def test_streamk_setting_is_checked(value, accepted):
         pytest.skip("the setting is read by the one-GEMM kernel's pick, on a GPU")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the one-GEMM kernel runs on Hopper")
-    env = {**os.environ, "LORA_KERNELS_CUTLASS_STREAMK": value}
-    env.pop("LORA_KERNELS_CUTLASS_CONFIG", None)  # a forced shape skips the pick, and the setting with it
-    proc = subprocess.run([sys.executable, "-c", _STREAMK_PROBE], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=env)
-    if accepted:
-        assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
-    else:
-        assert proc.returncode != 0 and "LORA_KERNELS_CUTLASS_STREAMK: expected an integer from 0 to 1" in proc.stderr
+    _check_setting(_STREAMK_PROBE, "LORA_KERNELS_CUTLASS_STREAMK", value, accepted, "expected an integer from 0 to 1")
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
