@@ -106,8 +106,6 @@ if [[ $STEPS == *onegemm* ]]; then
     for c in 0 1 2 3; do echo "-- op alone, LORA_KERNELS_CUTLASS_CONFIG=$c"
       LORA_KERNELS_CUTLASS_CONFIG=$c timeout 90 python3 bench/one_gemm_ab.py --op-only 2>&1 | grep -v -i warn; done
     echo "-- timed pick"; timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
-    echo "-- timed pick with the stream-K shape, from 64 rows"
-    LORA_KERNELS_CUTLASS_STREAMK=1 LORA_KERNELS_CUTLASS_MIN_ROWS=64 timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
     echo "-- pair"; LORA_KERNELS_CUTLASS=0 timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
     for on in 1 0; do echo "-- compiled step, LORA_KERNELS_CUTLASS=$on"
       LORA_KERNELS_CUTLASS=$on timeout 200 python3 bench/compiled_step.py patched_compile 2>&1 | grep -E "median|GPU kernel"
