@@ -106,6 +106,9 @@ if [[ $STEPS == *onegemm* ]]; then
     for c in 0 1 2 3; do echo "-- op alone, LORA_KERNELS_CUTLASS_CONFIG=$c"
       LORA_KERNELS_CUTLASS_CONFIG=$c timeout 90 python3 bench/one_gemm_ab.py --op-only 2>&1 | grep -v -i warn; done
     echo "-- timed pick"; timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
+    # the main loop's tile order: the raster (CUTLASS's choice, along M, along N) and the swizzle
+    for knob in RASTER=1 RASTER=2 SWIZZLE=2 SWIZZLE=4 SWIZZLE=8; do echo "-- op alone, timed pick, LORA_KERNELS_CUTLASS_$knob"
+      env "LORA_KERNELS_CUTLASS_$knob" timeout 90 python3 bench/one_gemm_ab.py --op-only 2>&1 | grep -v -i warn; done
     echo "-- pair"; LORA_KERNELS_CUTLASS=0 timeout 150 python3 bench/one_gemm_ab.py 2>&1 | grep -v -i warn
     for on in 1 0; do echo "-- compiled step, LORA_KERNELS_CUTLASS=$on"
       LORA_KERNELS_CUTLASS=$on timeout 200 python3 bench/compiled_step.py patched_compile 2>&1 | grep -E "median|GPU kernel"

@@ -112,7 +112,7 @@ def _check_setting(probe, name, value, accepted, message):
         assert proc.returncode != 0 and f"{name}: {message}" in proc.stderr, proc.stderr[-2000:]
 
 
-_STREAMK_PROBE = """
+_GEMM_PROBE = """
 import torch, lora_kernels._C
 x, w = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16), torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
 u, b = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16), torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
@@ -123,15 +123,23 @@ print("ran")
 
 @needs_ext
 @pytest.mark.gpu
-@pytest.mark.parametrize("value, accepted", [("0", True), ("1", True), ("-1", False), ("2", False), ("on", False)])
-def test_streamk_setting_is_checked(value, accepted):
-    """LORA_KERNELS_CUTLASS_STREAMK (read on the first timed pick): 0 (the default) leaves the stream-K shape
-    out of the timing, 1 adds it; anything else is an error that names the setting."""
+@pytest.mark.parametrize("name, value, accepted, message", [
+    ("LORA_KERNELS_CUTLASS_STREAMK", "0", True, ""), ("LORA_KERNELS_CUTLASS_STREAMK", "1", True, ""),
+    ("LORA_KERNELS_CUTLASS_STREAMK", "2", False, "expected an integer from 0 to 1"),
+    ("LORA_KERNELS_CUTLASS_STREAMK", "on", False, "expected an integer from 0 to 1"),
+    ("LORA_KERNELS_CUTLASS_RASTER", "1", True, ""), ("LORA_KERNELS_CUTLASS_RASTER", "2", True, ""),
+    ("LORA_KERNELS_CUTLASS_RASTER", "-1", False, "expected an integer from 0 to 2"),
+    ("LORA_KERNELS_CUTLASS_SWIZZLE", "8", True, ""),
+    ("LORA_KERNELS_CUTLASS_SWIZZLE", "16", False, "expected an integer from 1 to 8")])
+def test_one_gemm_settings_are_checked(name, value, accepted, message):
+    """The one-GEMM kernel's A/B settings (each read once per process, by the first timed pick or launch):
+    LORA_KERNELS_CUTLASS_STREAMK (0, the default, leaves the stream-K shape out of the timing; 1 adds it),
+    _RASTER (the tile order) and _SWIZZLE; a value out of range is an error that names the setting."""
     if not torch.cuda.is_available() or not hasattr(torch.ops.lora_kernels, "lowrank_gemm"):
-        pytest.skip("the setting is read by the one-GEMM kernel's pick, on a GPU")
+        pytest.skip("the settings are read by the one-GEMM kernel, on a GPU")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the one-GEMM kernel runs on Hopper")
-    _check_setting(_STREAMK_PROBE, "LORA_KERNELS_CUTLASS_STREAMK", value, accepted, "expected an integer from 0 to 1")
+    _check_setting(_GEMM_PROBE, name, value, accepted, message)
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")

@@ -71,6 +71,14 @@ inline int tile_swizzle() {
   return swizzle;
 }
 
+// LORA_KERNELS_CUTLASS_RASTER (read once; A/B runs of the tile order): 0, the default, is CUTLASS's own choice
+// (along M where the output has more tile columns than tile rows, else along N), 1 along M, 2 along N. A plain
+// CUTLASS GEMM of 8192×4096² read 1.13-1.18× cuBLAS on an H100 with the default order (bench/NOTES.md).
+inline int tile_raster() {
+  static const int raster = int(env_int("LORA_KERNELS_CUTLASS_RASTER", 0, 0, 2));
+  return raster;
+}
+
 // Ranks past this take the cuBLAS pair (each 64 ranks cost one more K step of the tile).
 constexpr int kMaxRank = 256;
 
@@ -268,6 +276,9 @@ struct LowRankGemm {
     args.hw_info.device_id = a.get_device();
     args.hw_info.sm_count = at::cuda::getDeviceProperties(a.get_device())->multiProcessorCount;
     args.scheduler.max_swizzle_size = tile_swizzle();
+    using RasterOrder = decltype(args.scheduler.raster_order);
+    const int raster = tile_raster();
+    args.scheduler.raster_order = raster == 1 ? RasterOrder::AlongM : raster == 2 ? RasterOrder::AlongN : RasterOrder::Heuristic;
     Gemm gemm;
     TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
                 "lowrank_gemm: the CUTLASS kernel cannot take these shapes / strides");
